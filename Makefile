@@ -1,0 +1,48 @@
+# ageray: `make demo` runs the whole platform on embedded defaults; `make test` runs the tests.
+# Both create the virtual environment (.venv) on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ageray-installed
+# facenet-pytorch carries the MTCNN face detector weights inside its wheel, but pins an old
+# torch; its code runs on current torch, so it is installed without its pins.
+FACENET := facenet-pytorch==2.6.0
+
+.PHONY: install demo test test-unit test-integration lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps $(FACENET)
+	$(BIN)/python -c "import timm, torchvision, ray, mlflow, webdataset, facenet_pytorch"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

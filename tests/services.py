@@ -1,0 +1,205 @@
+"""Real services on loopback for integration tests: an S3 API server (moto), an MLflow
+tracking server (sqlite backend, S3 artifacts) and a Ray head.
+
+Why processes and not mocks: boto3 must talk HTTP to an S3 endpoint exactly as in
+production, and the MLflow client must go through a real REST server, so the code paths
+under test are the production ones. Each helper returns once the service answers and
+stops it (with its children) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any HTTP status) or fail with the process's log."""
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except Exception as exc:  # connection refused while starting
+            last = exc
+            time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict[str, str]
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+    def make_bucket(self, name: str) -> str:
+        import botocore.exceptions
+
+        with contextlib.suppress(botocore.exceptions.ClientError):
+            self.client().create_bucket(Bucket=name)
+        return name
+
+
+@contextlib.contextmanager
+def s3_server(log_dir: Path) -> Iterator[S3Server]:
+    """moto's standalone S3 server on 127.0.0.1 with dummy credentials."""
+    port = free_port()
+    log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **S3_TEST_ENV},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint + "/moto-api/", proc=proc)
+        env = {
+            **S3_TEST_ENV,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        }
+        yield S3Server(endpoint=endpoint, env=env)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    backend: str
+    artifacts: str
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    workdir: Path, artifacts_destination: str, env: dict[str, str] | None = None
+) -> Iterator[MlflowServer]:
+    """``mlflow server`` with a sqlite backend, serving artifacts from ``artifacts_destination``
+    (an s3:// URI on the moto server, or a local folder)."""
+    port = free_port()
+    backend = f"sqlite:///{workdir / 'mlflow.db'}"
+    log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            artifacts_destination,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+        cwd=workdir,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", timeout=120, proc=proc)
+        yield MlflowServer(uri=uri, backend=backend, artifacts=artifacts_destination)
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``ray start --head`` on loopback; yields the dashboard address for ``ray job submit``."""
+    ray = str(BIN / "ray")
+    port = free_port()
+    dash = free_port()
+    full_env = {**os.environ, **(env or {})}
+    subprocess.run([ray, "stop", "--force"], capture_output=True, env=full_env, check=False)
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--num-cpus={num_cpus}",
+            "--object-store-memory=200000000",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=full_env,
+        cwd=workdir,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(address + "/api/version", timeout=90)
+        yield address
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=full_env, check=False)
+
+
+def which(name: str) -> str | None:
+    local = BIN / name
+    return str(local) if local.exists() else shutil.which(name)
