@@ -1,0 +1,488 @@
+"""MLflow tracking and the model registry, as the jobs use them.
+
+Rules this module keeps:
+
+* **Where**: ``tracking.uri`` from the config, else ``MLFLOW_TRACKING_URI``, else an embedded
+  sqlite store under the run's storage folder (nothing to start). A remote server that does
+  not answer fails the job at start (:func:`check_tracking`), not hours later.
+* **Who**: only the driver and rank 0 talk to MLflow. The driver opens one parent run per
+  pipeline and a child run per stage and hands the child's run id to the workers; rank 0
+  logs per-epoch metrics to that id with a plain ``MlflowClient`` (:class:`RunLogger`).
+* **Resume**: runs are found again by tags (``ageray.pipeline`` = run name, ``ageray.stage``),
+  so a resubmitted run with the same name continues the same MLflow runs, and the run id is
+  also stored in each checkpoint.
+* **Models**: a model is a folder (``model.safetensors`` + ``model.json``) logged with a pyfunc
+  wrapper written as *code* (MLflow "models from code"), so loading it never unpickles an
+  object; it is registered under the configured name with an alias (``candidate``).
+* **Secrets**: credentials live only in the environment; nothing from it is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ageray.config import Config, dump_yaml, flatten, to_dict
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RunLogger",
+    "Tracker",
+    "TrackingUnavailable",
+    "check_tracking",
+    "git_commit",
+    "log_model",
+    "manifest_digest",
+    "model_info",
+    "package_versions",
+    "resolve_model_dir",
+    "resolve_tracking_uri",
+]
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+TAG_PIPELINE = "ageray.pipeline"
+TAG_STAGE = "ageray.stage"
+_PACKAGES = ("ageray", "torch", "torchvision", "timm", "ray", "mlflow", "webdataset", "boto3")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached or used."""
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """Config, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<storage>/mlflow.db``.
+
+    A storage path on S3 cannot hold a sqlite file; then the embedded store goes under
+    ``./runs``.
+    """
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    storage = cfg.run.storage_path
+    base = Path(storage) if "://" not in storage else Path("runs")
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """Artifact root for an embedded sqlite store: next to the database file."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
+    return None
+
+
+def check_tracking(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast with a clear message when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=min(5.0, timeout)) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc
+            if exc.code in (401, 403):  # behind auth: reachable; the client has credentials
+                return
+        except Exception as exc:  # connection refused, DNS, timeout
+            last = exc
+        time.sleep(0.5)
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is not reachable ({last}). Start it (mlflow server "
+        "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000), fix "
+        "tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the embedded local store."
+    )
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """The checkout's commit (``-dirty`` when modified), or 'unknown' outside git."""
+    cwd = Path(root) if root else Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """A stable digest of a dataset manifest (sorted JSON, sha256, first 16 hex)."""
+    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class RunLogger:
+    """Metric logging into one existing run, for rank 0 of a Ray Train worker group.
+
+    Constructed from plain strings (picklable into ``train_loop_config``); every other rank
+    gets ``enabled=False`` and all calls are no-ops. Failures to log are reported once and
+    never kill training: the checkpoint, not MLflow, is the source of truth.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool = True) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.enabled = bool(enabled and uri and run_id)
+        self._client = None
+        self._warned = False
+
+    def _c(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(step))
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and v == v  # drop NaN
+        ]
+        try:
+            for i in range(0, len(items), 500):
+                self._c().log_batch(self.run_id, metrics=items[i : i + 500])
+        except Exception as exc:  # network blips must not kill training
+            if not self._warned:
+                log.warning("MLflow metric logging to %s failed: %s", self.uri, exc)
+                self._warned = True
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._c().log_artifact(self.run_id, str(path), artifact_path)
+
+
+@dataclass
+class Tracker:
+    """Driver-side MLflow: experiment, parent pipeline run, child stage runs, registry.
+
+    ``enabled=False`` turns every call into a no-op, so jobs need no ``if`` around it.
+    """
+
+    cfg: Config
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        self.uri = resolve_tracking_uri(self.cfg)
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
+        if not self.enabled:
+            return
+        check_tracking(self.uri)
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = _client(self.uri)
+        try:
+            exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+            if exp is None:
+                root = _local_artifact_root(self.uri)
+                location = (
+                    str(Path(root) / self.cfg.tracking.experiment) if root is not None else None
+                )
+                self.experiment_id = self.client.create_experiment(
+                    self.cfg.tracking.experiment, artifact_location=location
+                )
+            else:
+                self.experiment_id = exp.experiment_id
+        except Exception as exc:
+            raise TrackingUnavailable(
+                f"MLflow at {self.uri} refused the experiment "
+                f"{self.cfg.tracking.experiment!r}: {exc}"
+            ) from exc
+
+    # --------------------------------------------------------------- runs
+    def _find(self, tags: Mapping[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs(
+            [self.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"]
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start_pipeline(self, kind: str = "train", resume: bool = True) -> str | None:
+        """The parent run for this pipeline (found again by run name when resuming)."""
+        if not self.enabled:
+            return None
+        name = self.cfg.run.name
+        tags = {TAG_PIPELINE: name, TAG_STAGE: "pipeline", "ageray.kind": kind}
+        run_id = self._find(tags) if resume else None
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{name}",
+                tags={**tags, "mlflow.source.git.commit": git_commit()},
+            )
+            run_id = run.info.run_id
+            self.log_config(run_id)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.parent_id = run_id
+        return run_id
+
+    def start_stage(self, stage: str, resume: bool = True) -> str | None:
+        """A child run for one stage (``pretrain``, ``stage1``, ``stage2``, ``evaluate``)."""
+        if not self.enabled:
+            return None
+        if self.parent_id is None:
+            self.start_pipeline()
+        tags = {TAG_PIPELINE: self.cfg.run.name, TAG_STAGE: stage}
+        run_id = self._find(tags) if resume else None
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.cfg.run.name}/{stage}",
+                tags={**tags, "mlflow.parentRunId": self.parent_id},
+            )
+            run_id = run.info.run_id
+            self.log_config(run_id)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self.enabled and run_id:
+            self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def stage(self, stage: str) -> Iterator[str | None]:
+        """``with tracker.stage("stage1") as run_id:`` ends the run FAILED on error."""
+        run_id = self.start_stage(stage)
+        try:
+            yield run_id
+        except BaseException:
+            self.end(run_id, "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
+
+    # --------------------------------------------------------------- logging
+    def log_config(self, run_id: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Params: the whole resolved config flattened, plus git commit and versions."""
+        from mlflow.entities import Param
+
+        params = flatten(to_dict(self.cfg))
+        params["git.commit"] = git_commit()
+        params.update({f"version.{k}": v for k, v in package_versions().items()})
+        params.update(extra or {})
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+        self.client.log_text(run_id, dump_yaml(self.cfg), "config/resolved.yaml")
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        if not (self.enabled and run_id):
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [
+            Param(k, str(v)[:6000])
+            for k, v in params.items()
+            if k not in existing  # MLflow params are immutable; resumed runs re-log
+        ]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
+        RunLogger(self.uri, run_id, self.enabled).log_metrics(metrics, step)
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        if self.enabled and run_id:
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None):
+        if not (self.enabled and run_id):
+            return
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_dict(self, run_id: str | None, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.enabled and run_id:
+            self.client.log_dict(run_id, dict(data), artifact_file)
+
+    def log_manifest(self, run_id: str | None, manifest: Mapping[str, Any], name: str) -> str:
+        """Log a dataset manifest and its digest param; returns the digest."""
+        digest = manifest_digest(manifest)
+        self.log_params(run_id, {f"data.{name}.manifest_digest": digest})
+        self.log_dict(run_id, manifest, f"manifests/{name}.json")
+        return digest
+
+    def run_url(self, run_id: str | None) -> str:
+        if not run_id:
+            return "(tracking disabled)"
+        if self.uri.startswith("http"):
+            return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.uri} run {run_id}"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def log_model(
+    tracker: Tracker,
+    run_id: str,
+    model_dir: str | Path,
+    metrics: Mapping[str, float] | None = None,
+    register: bool | None = None,
+) -> dict[str, Any]:
+    """Log a saved model folder as a pyfunc (models-from-code) and register it.
+
+    Returns ``{"model_uri", "name", "version", "alias"}`` (version/alias None when
+    registration is off).
+    """
+    import mlflow
+
+    cfg = tracker.cfg
+    if register is None:
+        register = cfg.tracking.register
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no model.safetensors; save_model() first")
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"model": str(model_dir)},
+            pip_requirements=[f"{k}=={v}" for k, v in package_versions().items() if v != "absent"],
+            metadata={"ageray_format": "ageray-model/1"},
+        )
+    out: dict[str, Any] = {
+        "model_uri": info.model_uri,
+        "name": None,
+        "version": None,
+        "alias": None,
+    }
+    if register:
+        name = cfg.tracking.registered_model
+        mv = mlflow.register_model(info.model_uri, name)
+        client = tracker.client
+        for k, v in (metrics or {}).items():
+            client.set_model_version_tag(name, mv.version, f"metric.{k}", f"{float(v):.6g}")
+        client.set_model_version_tag(name, mv.version, "run_id", run_id)
+        client.set_model_version_tag(name, mv.version, TAG_PIPELINE, cfg.run.name)
+        client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
+        out.update(name=name, version=str(mv.version), alias=cfg.tracking.alias)
+    return out
+
+
+def resolve_model_dir(uri: str, dst: str | Path | None = None) -> Path:
+    """A local folder with ``model.safetensors`` + ``model.json`` for any model reference:
+    a local folder, ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, ``runs:/...``,
+    or any MLflow artifact URI. MLflow URIs are downloaded (to ``dst`` or a temp folder)."""
+    local = Path(uri)
+    if "://" not in uri and ":/" not in uri:
+        if (local / "model.safetensors").is_file():
+            return local
+        if (local / "artifacts" / "model" / "model.safetensors").is_file():
+            return local / "artifacts" / "model"
+        raise FileNotFoundError(
+            f"{uri!r} is neither a model folder (model.safetensors + model.json) nor an "
+            "MLflow URI like models:/ageray@candidate"
+        )
+    import mlflow
+
+    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="ageray-model-"))
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    for cand in (path, path / "artifacts" / "model", path / "model"):
+        if (cand / "model.safetensors").is_file():
+            return cand
+    found = sorted(path.rglob("model.safetensors"))
+    if found:
+        return found[0].parent
+    raise FileNotFoundError(f"{uri} downloaded to {path} but holds no model.safetensors")
+
+
+def model_info(uri: str) -> dict[str, Any]:
+    """Registry facts for a ``models:/`` URI: name, version, alias, run id, metrics tags."""
+    if not uri.startswith("models:/"):
+        return {"uri": uri}
+    import mlflow
+
+    client = _client(mlflow.get_tracking_uri())
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = ref.partition("/")
+        alias = None
+        mv = client.get_model_version(name, version) if version else None
+        if mv is None:
+            versions = client.search_model_versions(f"name='{name}'")
+            mv = max(versions, key=lambda v: int(v.version))
+    tags = dict(mv.tags or {})
+    return {
+        "uri": uri,
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "aliases": list(getattr(mv, "aliases", []) or []),
+        "run_id": mv.run_id or tags.get("run_id"),
+        "metrics": {
+            k[len("metric.") :]: float(v) for k, v in tags.items() if k.startswith("metric.")
+        },
+    }
+
+
+def logged_model_uri(tracker: Tracker, run_id: str) -> str:
+    """The URI of the model logged by MLflow run ``run_id`` (newest first)."""
+    client = tracker.client
+    models = client.search_logged_models(
+        experiment_ids=[tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    if not models:
+        raise FileNotFoundError(f"MLflow run {run_id} logged no model; pass a models:/ URI")
+    newest = max(models, key=lambda m: m.creation_timestamp)
+    return f"models:/{newest.model_id}"
