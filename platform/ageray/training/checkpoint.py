@@ -1,0 +1,98 @@
+"""Training checkpoints: everything a restarted worker group needs to continue exactly.
+
+A checkpoint folder is also a loadable model folder (``model.safetensors`` + ``model.json``,
+written by :func:`ageray.model.save_model`), so the best checkpoint of a stage can be
+evaluated, served or used as the start of the next stage as it is. Beside it:
+
+* ``optim.pt``   optimiser and scheduler state (tensors and numbers only; loaded with
+  ``weights_only=True``, so loading it never runs pickled code),
+* ``state.json`` epoch, global step, stage, sampler state, the MLflow run id, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ageray.config import Config
+
+__all__ = ["load_state", "restore", "save_checkpoint", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def save_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    cfg: Config,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write model + optimiser + scheduler + state into ``folder`` (created)."""
+    from ageray.model import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bare = unwrap(model)
+    full_meta = {**(meta or {}), **_meta_from_state(state)}
+    if hasattr(bare, "save_files"):  # models that are not AgeModel (identity pretraining)
+        bare.save_files(folder, full_meta)
+    else:
+        save_model(bare, folder, cfg, meta=full_meta)
+    if optimizer is not None:
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            },
+            folder / "optim.pt",
+        )
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=float))
+    return folder
+
+
+def _meta_from_state(state: dict[str, Any]) -> dict[str, Any]:
+    keep = ("stage", "epoch", "metrics", "mlflow_run_id")
+    return {k: state[k] for k in keep if k in state}
+
+
+def load_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not an ageray training checkpoint (no state.json)")
+    return json.loads(path.read_text())
+
+
+def restore(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> dict[str, Any]:
+    """Load weights (strict), optimiser and scheduler state in place; return ``state``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = load_file(str(folder / "model.safetensors"), device="cpu")
+    unwrap(model).load_state_dict(weights, strict=True)
+    optim_path = folder / "optim.pt"
+    if optimizer is not None and optim_path.is_file():
+        blob = torch.load(optim_path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        if scheduler is not None and blob.get("scheduler") is not None:
+            scheduler.load_state_dict(blob["scheduler"])
+    return load_state(folder)

@@ -1,0 +1,148 @@
+"""Where a training loop runs: inside a Ray Train worker group, or in this process.
+
+The per-worker loop (``ageray.training.loop``) only talks to a :class:`WorkerContext`, so the
+same code runs under ``TorchTrainer`` and directly in a test or a benchmark. That is what
+lets the tests exercise the loop without Ray and the benchmark compare the two fairly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["LocalContext", "RayTrainContext", "WorkerContext", "all_gather_objects"]
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+
+class LocalContext:
+    """One process, rank 0 of 1. Reports are kept in ``self.reports``; checkpoints are
+    copied under ``workdir`` (``checkpoint_<n>``) so the last one can seed a resume."""
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, workdir: str | Path | None = None, resume_from: str | Path | None = None):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ageray-local-"))
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import shutil
+
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dst = self.workdir / f"checkpoint_{len(self.reports):04d}"
+            shutil.copytree(checkpoint_dir, dst, dirs_exist_ok=True)
+            self.checkpoints.append(dst)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        yield self.resume_from
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+
+class RayTrainContext:
+    """Rank, device and report/checkpoint plumbing of a Ray Train V2 worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    @property
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        # A barrier: every rank calls it once per epoch; only rank 0 passes a checkpoint.
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Gather a picklable object from every rank (a list of one item without a process
+    group). Used to merge validation predictions so metrics are exact, not averaged."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def fault_marker(storage_path: str, name: str, stage: str) -> Path:
+    """Where a one-shot fault injection remembers that it already fired."""
+    base = Path(storage_path) if "://" not in storage_path else Path(tempfile.gettempdir())
+    return base / name / f".fault-injected-{stage}"
+
+
+def maybe_inject_fault(
+    *, storage_path: str, name: str, stage: str, rank: int, epoch: int, step: int, cfg_run
+) -> None:
+    """Kill this worker process once, mid-epoch, when the config or AGERAY_FAIL_AT_EPOCH
+    asks for it (tests of fault tolerance; off by default)."""
+    fail_epoch = int(os.environ.get("AGERAY_FAIL_AT_EPOCH", cfg_run.fail_at_epoch))
+    if fail_epoch < 0 or epoch != fail_epoch or step != cfg_run.fail_at_step:
+        return
+    if rank != cfg_run.fail_rank:
+        return
+    marker = fault_marker(storage_path, name, stage)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+    print(f"[ageray] fault injection: killing rank {rank} at epoch {epoch} step {step}", flush=True)
+    os._exit(1)

@@ -1,0 +1,204 @@
+"""Driver side of a stage: Ray start-up sized for the machine, the ``TorchTrainer`` with
+scaling, storage, checkpoint and failure settings, and the hand-over of the best checkpoint.
+
+Why the run name is stable (``<run.name>-<stage>``): Ray Train V2 restores a run from the
+checkpoint-manager snapshot in ``storage_path/<name>``, so resubmitting the same job after a
+crash resumes from the latest checkpoint instead of starting over. A stage that already
+finished is not trained again: its ``result.json`` is reused unless ``fresh=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ageray.config import Config, to_dict
+from ageray.training.loop import StageSpec, train_worker
+
+__all__ = ["StageResult", "init_ray", "local_run_dir", "run_stage_on_ray", "storage_args"]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_dir: Path  # local folder: model.safetensors + model.json (+ optim.pt, state.json)
+    metrics: dict[str, float]
+    checkpoint: str  # where Ray Train keeps it (local path or s3:// URI)
+    reused: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "model_dir": str(self.model_dir),
+            "metrics": self.metrics,
+            "checkpoint": self.checkpoint,
+        }
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by ``ray.address`` / ``RAY_ADDRESS`` (``ray job submit`` sets
+    it), else start a local Ray with ``ray.num_cpus`` and a small object store so it fits a
+    2-core, few-GiB machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        address="local",
+        num_cpus=cfg.ray.num_cpus or os.cpu_count() or 2,
+        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def local_run_dir(cfg: Config) -> Path:
+    """This run's local folder (outputs the driver keeps: stage models, reports)."""
+    storage = cfg.run.storage_path
+    base = Path(storage) if "://" not in storage else Path("runs")
+    return (base / cfg.run.name).resolve()
+
+
+def storage_args(storage_path: str) -> dict[str, Any]:
+    """``storage_path`` (+ ``storage_filesystem`` for S3 with a custom endpoint) for
+    ``RunConfig``. Credentials and the endpoint come from the standard AWS environment."""
+    if not storage_path.startswith("s3://"):
+        path = Path(storage_path).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return {"storage_path": str(path)}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {"storage_path": storage_path}
+    import pyarrow.fs
+
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        scheme="https" if endpoint.startswith("https") else "http",
+    )
+    return {"storage_path": storage_path[len("s3://") :], "storage_filesystem": fs}
+
+
+def _scaling(cfg: Config):
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return ScalingConfig(
+        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+    )
+
+
+def _metric_for(stage: str, cfg: Config) -> tuple[str, str]:
+    if stage == "pretrain":
+        return "train_loss", "min"
+    if stage == "stage2" and cfg.train.checkpoint_metric == "val_mae":
+        # The balanced head exists for the tail: keep the epoch whose routed answer is best
+        # class-wise (CMAE), which is what stage 2 is for.
+        return "val_routed_cmae", "min"
+    return cfg.train.checkpoint_metric, cfg.train.checkpoint_mode
+
+
+def run_stage_on_ray(
+    cfg: Config,
+    stage: str,
+    *,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    init_model: str | None = None,
+    init_backbone: str | None = None,
+    mae_ref: float | None = None,
+    fresh: bool = False,
+) -> StageResult:
+    """Train one stage with ``TorchTrainer``; return its best checkpoint as a local folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    out_dir = local_run_dir(cfg) / stage
+    result_file = out_dir / "result.json"
+    ray_name = f"{cfg.run.name}-{stage}"
+    if fresh:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if "://" not in cfg.run.storage_path:
+            shutil.rmtree(Path(cfg.run.storage_path).resolve() / ray_name, ignore_errors=True)
+    elif result_file.is_file():
+        done = json.loads(result_file.read_text())
+        print(
+            f"[ageray] {stage}: already finished for run {cfg.run.name!r}; "
+            f"reusing {done['model_dir']} (--fresh retrains)"
+        )
+        return StageResult(
+            stage=stage,
+            model_dir=Path(done["model_dir"]),
+            metrics=done["metrics"],
+            checkpoint=done["checkpoint"],
+            reused=True,
+        )
+
+    init_ray(cfg)
+    metric, mode = _metric_for(stage, cfg)
+    spec = StageSpec(
+        stage=stage,
+        config=to_dict(cfg),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+        init_model=str(init_model) if init_model else None,
+        init_backbone=str(init_backbone) if init_backbone else None,
+        mae_ref=mae_ref,
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=spec.to_dict(),
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(
+            name=ray_name,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.checkpoint_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            **storage_args(cfg.run.storage_path),
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{stage} failed: {result.error}") from result.error
+    best = _best(result, metric, mode)
+    if best is None:
+        raise RuntimeError(f"{stage} reported no checkpoint; nothing to hand on")
+    ckpt, metrics = best
+    model_dir = out_dir / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    ckpt.to_directory(str(model_dir))
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    metrics["fit_time_s"] = time.time() - t0
+    out = StageResult(stage=stage, model_dir=model_dir, metrics=metrics, checkpoint=ckpt.path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(out.to_dict(), indent=2, default=float))
+    return out
+
+
+def _best(result, metric: str, mode: str):
+    """The best (checkpoint, metrics) among those Ray kept; the latest if none has the metric."""
+    pairs = [(c, m) for c, m in (result.best_checkpoints or []) if c is not None]
+    scored = [(c, m) for c, m in pairs if isinstance(m.get(metric), int | float)]
+    if scored:
+        pick = min if mode == "min" else max
+        return pick(scored, key=lambda cm: cm[1][metric])
+    if result.checkpoint is not None:
+        return result.checkpoint, dict(result.metrics or {})
+    return pairs[-1] if pairs else None

@@ -1,0 +1,469 @@
+"""The per-worker training loop of each stage: ``stage1`` (representation), ``stage2``
+(balanced classifier on the frozen backbone) and ``pretrain`` (identity, AM-softmax).
+
+One loop, three stage plans. A :class:`StagePlan` says what differs between stages (how the
+model is built, which parameters train, which head the loss reads, which sampler feeds it);
+:func:`run_stage` does what is common: resume, epochs of equal step counts on every rank,
+validation over every sample exactly once, a checkpoint and one ``report`` per epoch on every
+rank (``ray.train.report`` is a barrier), metric logging from rank 0 only.
+
+Entry points: :func:`train_worker` for ``TorchTrainer`` (``train_loop_config`` is a
+:class:`StageSpec` as a dict), :func:`run_stage` with a :class:`~ageray.training.context.
+LocalContext` for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ageray.config import Config, config_from_dict, to_dict
+from ageray.training.checkpoint import restore, save_checkpoint, unwrap
+from ageray.training.context import (
+    LocalContext,
+    RayTrainContext,
+    WorkerContext,
+    all_gather_objects,
+    maybe_inject_fault,
+)
+from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
+
+__all__ = ["StagePlan", "StageSpec", "run_stage", "train_worker"]
+
+STAGES = ("pretrain", "stage1", "stage2")
+
+
+@dataclass
+class StageSpec:
+    """What the driver hands every worker (plain data: it crosses process boundaries)."""
+
+    stage: str
+    config: dict[str, Any]
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    init_model: str | None = None  # stage 2: the stage-1 model folder
+    init_backbone: str | None = None  # stage 1: identity-pretrained backbone
+    mae_ref: float | None = None  # stage 2: stage 1's validation MAE (LAE eq. 4)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StagePlan:
+    """What one stage trains: model, trainable parameters, loss step and validation."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    optim: Any  # OptimConfig
+    epochs: int
+    sampler: str
+    split: str
+    step: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+    validate: Callable[[nn.Module, WorkerContext], dict[str, float]] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    data_cfg: Any = None  # DataConfig when the stage reads other shards (pretraining)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (``train.amp`` auto/bf16); full precision on CPU."""
+    if device.type == "cuda" and cfg.train.amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+# ------------------------------------------------------------------------ validation
+
+
+@torch.no_grad()
+def collect_predictions(
+    model: nn.Module, cfg: Config, split: str, ctx: WorkerContext, flip: bool
+) -> dict[str, np.ndarray]:
+    """Predict every sample of ``split`` once (this rank's share), gather all ranks.
+
+    Returns numpy arrays: ``age``, ``age_std`` and per head ``<head>_age``, ``<head>_kl``,
+    and ``routed_age``, ``routed_choice``, ``bigger_age``, ``bigger_choice`` when the model
+    has two heads. Every rank gets the merged arrays, so every rank reports equal metrics.
+    """
+    from ageray.data.stream import eval_loader
+
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
+    loader = eval_loader(cfg.data, split, rank=ctx.rank, world_size=ctx.world_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    keys: list[str] = []
+
+    def add(name: str, value: torch.Tensor | np.ndarray) -> None:
+        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
+
+    for batch in loader:
+        x = batch["image"].to(ctx.device, non_blocking=True)
+        with _autocast(cfg, ctx.device):
+            pred = bare.predict(x, flip=flip, rule="smaller")
+        add("age", batch["age"])
+        add("age_std", batch["age_std"])
+        keys.extend(batch["key"])
+        for head, res in pred.heads.items():
+            add(f"{head}_age", res["age"])
+            if res.get("kl") is not None:
+                add(f"{head}_kl", res["kl"])
+        add("routed_age", pred.age)
+        add("routed_choice", pred.head)
+        if "balanced" in pred.heads and pred.heads["balanced"].get("kl") is not None:
+            v, b = pred.heads["vanilla"], pred.heads["balanced"]
+            # Table IX's "bigger" rule from the same forward pass: the vanilla head answers
+            # when its KL is the bigger one, else the balanced head (mirror of eq. 11).
+            bigger_choice = (~(v["kl"] > b["kl"])).long()
+            add("bigger_age", torch.where(bigger_choice.bool(), b["age"], v["age"]))
+            add("bigger_choice", bigger_choice)
+    local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    local_skipped = dict(getattr(loader, "skipped", {}) or {})
+    gathered = all_gather_objects((local, keys, local_skipped))
+    merged: dict[str, np.ndarray] = {}
+    names = sorted({k for g in gathered for k in g[0]})
+    for k in names:
+        merged[k] = np.concatenate([g[0][k] for g in gathered if k in g[0]])
+    merged["_keys"] = np.array([k for g in gathered for k in g[1]], dtype=object)
+    merged["_skipped"] = _sum_counts(g[2] for g in gathered)  # type: ignore[assignment]
+    if was_training:
+        bare.train()
+    return merged
+
+
+def prediction_metrics(preds: dict[str, Any], cfg: Config, prefix: str = "val") -> dict[str, float]:
+    """MAE, CMAE, AAR for every head present (vanilla, balanced, routed)."""
+    from ageray import metrics as M
+
+    y = preds["age"]
+    out: dict[str, float] = {}
+    if len(y) == 0:
+        return out
+    rows = [("vanilla", "vanilla_age"), ("balanced", "balanced_age"), ("routed", "routed_age")]
+    for row, key in rows:
+        if key not in preds:
+            continue
+        if row == "routed" and "balanced_age" not in preds:
+            continue
+        yh = preds[key]
+        tag = f"{prefix}_{row}" if row != "vanilla" else prefix
+        out[f"{tag}_mae"] = M.mae(y, yh)
+        out[f"{tag}_cmae"] = M.cmae(y, yh)
+        out[f"{tag}_aar"] = M.aar(y, yh, groups=cfg.eval.aar_groups)
+    out[f"{prefix}_samples"] = float(len(y))
+    return out
+
+
+# ------------------------------------------------------------------------ stage plans
+
+
+def _loss_step(cfg: Config, head: str, mae_ref: float | None, stage: int):
+    from ageray.losses import compute_loss
+
+    def step(model: nn.Module, batch: dict[str, torch.Tensor]):
+        out = model(batch["image"], heads=[head])
+        loss, parts = compute_loss(
+            cfg.loss, cfg.model, out[head], batch, mae_ref=mae_ref, stage=stage
+        )
+        with torch.no_grad():
+            age = out[head].get("age")
+            if age is not None:
+                parts["train_mae"] = float((age.float() - batch["age"].float()).abs().mean())
+        return loss, parts
+
+    return step
+
+
+def _stage_validate(cfg: Config):
+    def validate(model: nn.Module, ctx: WorkerContext) -> dict[str, float]:
+        preds = collect_predictions(model, cfg, cfg.data.val_split, ctx, flip=cfg.eval.flip_tta)
+        metrics = prediction_metrics(preds, cfg, "val")
+        for k, v in preds["_skipped"].items():
+            metrics[f"val_skipped_{k}"] = float(v)
+        return metrics
+
+    return validate
+
+
+def plan_stage1(cfg: Config, spec: StageSpec) -> StagePlan:
+    from ageray.model import build_model
+
+    model = build_model(cfg.model)
+    meta: dict[str, Any] = {}
+    if spec.init_backbone:
+        model.load_backbone(spec.init_backbone)
+        meta["init_backbone"] = spec.init_backbone
+    return StagePlan(
+        model=model,
+        params=[p for p in model.parameters() if p.requires_grad],
+        optim=cfg.train.stage1.optim,
+        epochs=cfg.train.stage1.epochs,
+        sampler=cfg.train.stage1.sampler,
+        split=cfg.data.train_split,
+        step=_loss_step(cfg, "vanilla", None, stage=1),
+        validate=_stage_validate(cfg),
+        meta=meta,
+    )
+
+
+def plan_stage2(cfg: Config, spec: StageSpec) -> StagePlan:
+    from ageray.model import load_model
+
+    if not spec.init_model:
+        raise ValueError("stage 2 needs the stage-1 model (StageSpec.init_model)")
+    model, _info = load_model(spec.init_model)
+    s2 = cfg.train.stage2
+    if "balanced" not in model.heads:
+        model.add_balanced_head(trainable=s2.trainable)
+    model.freeze_for_stage2(s2.trainable)
+    for p in model.heads["vanilla"].parameters():  # the vanilla head is final after stage 1
+        p.requires_grad_(False)
+    mae_ref = spec.mae_ref if s2.mae_term else None
+    if s2.mae_term and (mae_ref is None or not math.isfinite(mae_ref)):
+        raise ValueError(
+            "train.stage2.mae_term needs stage 1's validation MAE; run stage 1 first or pass "
+            "a stage-1 model whose model.json records metrics.val_mae"
+        )
+    return StagePlan(
+        model=model,
+        params=list(model.stage2_parameters()),
+        optim=s2.optim,
+        epochs=s2.epochs,
+        sampler=s2.sampler,
+        split=cfg.data.train_split,
+        step=_loss_step(cfg, "balanced", mae_ref, stage=2),
+        validate=_stage_validate(cfg),
+        meta={"init_model": spec.init_model, "mae_ref": mae_ref},
+    )
+
+
+def plan_for(cfg: Config, spec: StageSpec) -> StagePlan:
+    if spec.stage == "stage1":
+        return plan_stage1(cfg, spec)
+    if spec.stage == "stage2":
+        return plan_stage2(cfg, spec)
+    if spec.stage == "pretrain":
+        from ageray.training.pretrain import plan_pretrain
+
+        return plan_pretrain(cfg, spec)
+    raise ValueError(f"unknown stage {spec.stage!r}; choose one of {STAGES}")
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str, float]:
+    """Train one stage on this worker. Returns the last epoch's metrics."""
+    from ageray.data.stream import train_loader
+    from ageray.tracking import RunLogger
+
+    spec = spec if isinstance(spec, StageSpec) else StageSpec(**spec)
+    cfg = config_from_dict(spec.config)
+    seed_everything(cfg.run.seed + 1000 * ctx.rank)
+    device = ctx.device
+    plan = plan_for(cfg, spec)
+    model = plan.model
+    if cfg.train.sync_bn and ctx.world_size > 1:
+        if device.type != "cuda":
+            raise ValueError("train.sync_bn needs GPUs (NCCL); set train.sync_bn=false on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ctx.prepare_model(model)
+    params = [p for p in plan.params if p.requires_grad]
+
+    data_cfg = plan.data_cfg or cfg.data
+    global_batch = data_cfg.batch_size * ctx.world_size
+    first = train_loader(
+        data_cfg,
+        plan.split,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        epoch=0,
+        seed=cfg.run.seed,
+        sampler=plan.sampler,
+    )
+    steps = len(first)
+    optimizer = build_optimizer(params, plan.optim, global_batch)
+    scheduler = build_scheduler(optimizer, plan.optim, plan.epochs, steps)
+    logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=ctx.rank == 0)
+
+    start_epoch, global_step = 0, 0
+    with ctx.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = restore(ckpt_dir, model, optimizer, scheduler)
+            if state.get("stage") != spec.stage:
+                raise ValueError(
+                    f"checkpoint {ckpt_dir} is from stage {state.get('stage')!r}, not "
+                    f"{spec.stage!r}: use another run.name for a new run"
+                )
+            start_epoch = int(state["epoch"]) + 1
+            global_step = int(state.get("global_step", 0))
+            if ctx.rank == 0:
+                print(f"[ageray] {spec.stage}: resumed at epoch {start_epoch}", flush=True)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, plan.epochs):
+        loader = (
+            first
+            if epoch == 0
+            else train_loader(
+                data_cfg,
+                plan.split,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                epoch=epoch,
+                seed=cfg.run.seed,
+                sampler=plan.sampler,
+            )
+        )
+        if len(loader) != steps:
+            raise RuntimeError(
+                f"rank {ctx.rank}: {len(loader)} steps in epoch {epoch}, not {steps}"
+            )
+        model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        for step_i, batch in enumerate(loader):
+            maybe_inject_fault(
+                storage_path=cfg.run.storage_path,
+                name=cfg.run.name,
+                stage=spec.stage,
+                rank=ctx.rank,
+                epoch=epoch,
+                step=step_i,
+                cfg_run=cfg.run,
+            )
+            batch = _to_device(batch, device)
+            if cfg.model.channels_last and device.type == "cuda":
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with _autocast(cfg, device):
+                loss, parts = plan.step(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{spec.stage} epoch {epoch} step {step_i}: loss is {loss.item()}; lower "
+                    "the learning rate (train.*.optim.lr) or enable gradient clipping"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            parts["grad_norm"] = clip_gradients(params, plan.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            n = int(batch["image"].shape[0])
+            seen += n
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            if ctx.rank == 0 and cfg.train.log_every and (step_i + 1) % cfg.train.log_every == 0:
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                print(
+                    f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} "
+                    f"step {step_i + 1}/{steps} loss {sums['loss'] / seen:.3f} "
+                    f"{rate * ctx.world_size:.0f} img/s",
+                    flush=True,
+                )
+        train_time = time.perf_counter() - t0
+        metrics = {
+            f"train_{k}" if not k.startswith("train_") else k: v / max(1, seen)
+            for k, v in sums.items()
+        }
+        metrics["train_images_per_s"] = seen * ctx.world_size / max(1e-9, train_time)
+        metrics["epoch_time_s"] = train_time
+        metrics["lr"] = float(optimizer.param_groups[0]["lr"])
+        skipped = _sum_counts(all_gather_objects(dict(getattr(loader, "skipped", {}) or {})))
+        metrics["train_skipped"] = float(sum(skipped.values()))
+        for k, v in skipped.items():
+            metrics[f"train_skipped_{k}"] = float(v)
+        if plan.validate is not None:
+            tv = time.perf_counter()
+            metrics.update(plan.validate(model, ctx))
+            metrics["val_time_s"] = time.perf_counter() - tv
+        metrics["epoch"] = float(epoch)
+        state = {
+            "stage": spec.stage,
+            "epoch": epoch,
+            "global_step": global_step,
+            "mlflow_run_id": spec.mlflow_run_id,
+            "sampler": {"name": plan.sampler, "seed": cfg.run.seed, "next_epoch": epoch + 1},
+            "metrics": metrics,
+            **{k: v for k, v in plan.meta.items() if isinstance(v, str | int | float | type(None))},
+        }
+        with tempfile.TemporaryDirectory(prefix="ageray-ckpt-") as tmp:
+            ckpt = None
+            if ctx.rank == 0:
+                ckpt = save_checkpoint(
+                    Path(tmp) / "checkpoint",
+                    model=model,
+                    cfg=cfg,
+                    state=state,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    meta={"val_mae": metrics.get("val_mae")},
+                )
+            ctx.report(metrics, ckpt)
+        logger.log_metrics(metrics, step=epoch)
+        if ctx.rank == 0:
+            shown = {k: metrics[k] for k in ("train_loss", "val_mae", "val_cmae") if k in metrics}
+            print(
+                f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} done in {train_time:.1f}s "
+                + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+                flush=True,
+            )
+    return metrics
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """``TorchTrainer`` entry point: ``train_loop_config`` is ``StageSpec.to_dict()``."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_stage(StageSpec(**loop_config), RayTrainContext())
+
+
+def run_local(
+    spec: StageSpec, workdir: str | Path | None = None
+) -> tuple[dict[str, float], LocalContext]:
+    """Run a stage in this process (tests, benchmarks, debugging)."""
+    ctx = LocalContext(workdir)
+    metrics = run_stage(spec, ctx)
+    return metrics, ctx
+
+
+def spec_for(cfg: Config, stage: str, **kwargs: Any) -> StageSpec:
+    return StageSpec(stage=stage, config=to_dict(cfg), **kwargs)
