@@ -322,6 +322,11 @@ class Config:
             )
         if m.formulation == "ordinal" and self.loss.name != "ordinal_bce":
             raise ConfigError("model.formulation=ordinal needs loss.name=ordinal_bce")
+        if self.train.stage2.mae_term and self.loss.name in ("mse", "mae", "ordinal_bce"):
+            raise ConfigError(
+                "train.stage2.mae_term is LAE's (L_er - mae)^2 on a label distribution; "
+                f"loss.name={self.loss.name} has none. Set train.stage2.mae_term=false"
+            )
         for name in ("batch_size", "eval_batch_size", "image_size"):
             if getattr(self.data, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive")

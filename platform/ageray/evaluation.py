@@ -22,7 +22,7 @@ from ageray.config import Config
 __all__ = ["ROW_ORDER", "build_report", "evaluate_model", "evaluate_to_dir", "format_table"]
 
 ROW_ORDER = ("l_base", "vanilla", "balanced", "routed_bigger", "routed")
-TABLE_IX_GROUPS = ((0, 17), (18, 65), (66, 100))
+TABLE_IX_GROUPS = M.TABLE_IX_GROUPS
 
 
 def eval_config(
@@ -187,10 +187,25 @@ def evaluate_to_dir(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "report.json").write_text(
+        json.dumps(_nan_to_none(report), indent=2, default=_json_default, allow_nan=False)
+    )
     (out / "report.md").write_text(markdown_table(report))
     report["plots"] = [str(p) for p in write_plots(report, out)]
     return report
+
+
+def _nan_to_none(o: Any) -> Any:
+    """JSON has no NaN: empty groups (NaN MAE) become null in report.json."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, np.floating) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_nan_to_none(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
