@@ -1,0 +1,49 @@
+"""The network: timm backbone, Feature Rearrangement, PA heads, the balanced head, routing,
+Xing et al.'s formulations and multi-task nets, and the saved-model format.
+
+Entry points: ``build_model(cfg)`` -> ``AgeModel`` (``forward``, ``predict``, stage 2),
+``save_model`` / ``load_model``, and the stable names ``FeatureRearrangement`` and
+``adaptive_route`` (ARCHITECTURE.md).
+"""
+
+from .age_model import AgeModel, Prediction, build_model
+from .backbone import Backbone, LoadReport, create_backbone, find_weights_file, read_state_dict
+from .counting import count_parameters, parameter_breakdown
+from .formulation import FORMULATIONS, Formulation, expected_age
+from .fr import FeatureRearrangement, fr_output_size, fr_padding, table_iii_pairs
+from .heads import AgeHead, GLAEHead, LinearHead, Projection
+from .io import load_model, read_model_info, save_model
+from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
+from .routing import adaptive_route, kl_rows
+
+__all__ = [
+    "FORMULATIONS",
+    "AgeHead",
+    "AgeModel",
+    "Backbone",
+    "DeepMultiTask",
+    "FeatureRearrangement",
+    "Formulation",
+    "GLAEHead",
+    "HybridMultiTask",
+    "LinearHead",
+    "LoadReport",
+    "ParallelMultiTask",
+    "Prediction",
+    "Projection",
+    "adaptive_route",
+    "build_model",
+    "count_parameters",
+    "create_backbone",
+    "expected_age",
+    "find_weights_file",
+    "fr_output_size",
+    "fr_padding",
+    "kl_rows",
+    "load_model",
+    "parameter_breakdown",
+    "read_model_info",
+    "read_state_dict",
+    "save_model",
+    "table_iii_pairs",
+]

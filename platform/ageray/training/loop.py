@@ -225,7 +225,7 @@ def _stage_validate(cfg: Config):
 def plan_stage1(cfg: Config, spec: StageSpec) -> StagePlan:
     from ageray.model import build_model
 
-    model = build_model(cfg.model)
+    model = build_model(cfg)  # the GLAE projection needs cfg.data.image_size
     meta: dict[str, Any] = {}
     if spec.init_backbone:
         model.load_backbone(spec.init_backbone)

@@ -1,0 +1,348 @@
+"""The age model: one timm trunk, a vanilla head, optionally a balanced head, and routing.
+
+``build_model(cfg)`` is the one factory (timm style): it checks every shape at construction
+(FR factor vs backbone channels, the projection's input size, multi-task stage maps) so a bad
+recipe fails before any data is read. ``AgeModel.forward`` runs the backbone once and every
+requested head on the same features; ``predict`` implements GLAE's test protocol (image and
+flip in one batch, both heads, Adaptive Routing).
+
+Two-stage training (LAE 2.4 / GLAE III-D): ``add_balanced_head`` deep-copies the vanilla head
+and freezes everything else; the frozen backbone stays in eval mode even under
+``model.train()``, so stage 2's class-balanced batches cannot move its BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ageray.config import Config, DataConfig, ModelConfig
+
+from .backbone import Backbone, LoadReport, create_backbone
+from .formulation import Formulation, expected_age
+from .heads import AgeHead, GLAEHead, LinearHead
+from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
+from .routing import adaptive_route, kl_rows
+
+__all__ = ["AgeModel", "Prediction", "build_model"]
+
+HEAD_NAMES = ("vanilla", "balanced")
+Trainable = Literal["head", "classifier"]
+
+
+@dataclass
+class Prediction:
+    """``predict``'s answer; tensors on the model's device.
+
+    ``age`` (B,) the routed answer; ``probs`` (B, K) its flip-averaged distribution (None for
+    mse/mae/ordinal); ``head`` (B,) 0 = vanilla, 1 = balanced; ``heads[name]`` = {"age",
+    "probs", "kl"} per head (kl = KL(p || p_flip), None without flip or a distribution);
+    ``gender`` / ``race`` (B, G) / (B, R) flip-averaged probabilities of the vanilla head for
+    multi-task models, else None.
+    """
+
+    age: torch.Tensor
+    probs: torch.Tensor | None
+    head: torch.Tensor
+    heads: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
+    gender: torch.Tensor | None = None
+    race: torch.Tensor | None = None
+
+
+class AgeModel(nn.Module):
+    """Backbone + ``heads`` (``nn.ModuleDict``: "vanilla", and "balanced" after stage 2).
+
+    ``forward(x, heads=None, return_local=None)`` returns ``{"features": F, "<head>": dict}``
+    for the requested heads (default: all present); see docs/design.md for the head dict.
+    ``return_local`` (default: ``self.training``) adds the GLAE head's ``local_logits``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: AgeHead,
+        cfg: ModelConfig,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({"vanilla": head})
+        self.cfg = cfg
+        self.image_size = image_size
+        self.channels_last = bool(cfg.channels_last)
+        self.stage2_trainable: Trainable | None = None
+        self._frozen: list[str] = []  # submodules kept in eval mode (frozen for stage 2)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def formulation(self) -> Formulation:
+        return self.heads["vanilla"].formulation
+
+    @property
+    def num_classes(self) -> int:
+        return self.formulation.num_classes
+
+    @property
+    def head_names(self) -> list[str]:
+        return list(self.heads.keys())
+
+    # ------------------------------------------------------------------ forward
+
+    def _resolve(self, heads: str | Sequence[str] | None) -> list[str]:
+        if heads is None:
+            return list(self.heads.keys())
+        names = [heads] if isinstance(heads, str) else list(heads)
+        unknown = [n for n in names if n not in self.heads]
+        if unknown:
+            raise KeyError(
+                f"AgeModel has no head(s) {unknown}; present: {list(self.heads.keys())}"
+                + ("; call add_balanced_head() for stage 2" if "balanced" in unknown else "")
+            )
+        return names
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        heads: str | Sequence[str] | None = None,
+        return_local: bool | None = None,
+    ) -> dict[str, Any]:
+        names = self._resolve(heads)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        indices = sorted({i for n in names for i in self.heads[n].stage_indices})
+        features, stages = self.backbone(x, indices)
+        local = self.training if return_local is None else return_local
+        out: dict[str, Any] = {"features": features}
+        for name in names:
+            out[name] = self.heads[name](features, stages, local)
+        return out
+
+    # ------------------------------------------------------------------ stage 2
+
+    def add_balanced_head(self, trainable: Trainable = "head", freeze: bool = True) -> AgeHead:
+        """Deep-copy the vanilla head into ``heads["balanced"]`` (stage 2's starting point).
+
+        With ``freeze`` (default) also calls ``freeze_for_stage2(trainable)``; ``load_model``
+        passes ``freeze=False`` to rebuild a saved two-head model as it was.
+        """
+        if "balanced" in self.heads:
+            raise ValueError("AgeModel already has a balanced head; stage 2 adds it once")
+        self.heads["balanced"] = copy.deepcopy(self.heads["vanilla"])
+        if freeze:
+            self.freeze_for_stage2(trainable)
+        return self.heads["balanced"]
+
+    def freeze_for_stage2(self, trainable: Trainable = "head") -> None:
+        """Freeze all but the balanced head (``"head"``, GLAE) or its final classifier layer
+        (``"classifier"``, LAE: "freeze the model except for the FC").
+
+        Frozen parts get ``requires_grad=False`` and stay in eval mode under ``train()``
+        (BatchNorm statistics and dropout of the backbone, the vanilla head, and in
+        ``"classifier"`` mode the rest of the balanced head).
+        """
+        if trainable not in ("head", "classifier"):
+            raise ValueError(f"trainable={trainable!r} must be 'head' or 'classifier'")
+        if "balanced" not in self.heads:
+            raise ValueError("freeze_for_stage2 needs the balanced head; call add_balanced_head()")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        balanced = self.heads["balanced"]
+        trainable_modules = (
+            [balanced] if trainable == "head" else list(balanced.classifier_layers())
+        )
+        for module in trainable_modules:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self._frozen = ["backbone", "heads.vanilla"]
+        if trainable == "classifier":
+            self._frozen.append("heads.balanced")
+        self.stage2_trainable = trainable
+        self.train(self.training)
+
+    def stage2_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters (after ``freeze_for_stage2``: the balanced head's)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> AgeModel:
+        """``nn.Module.train`` that keeps the frozen parts in eval mode."""
+        super().train(mode)
+        for name in self._frozen:
+            self.get_submodule(name).eval()
+        if self.stage2_trainable == "classifier" and mode:
+            for module in self.heads["balanced"].classifier_layers():
+                module.train(True)
+        return self
+
+    # ------------------------------------------------------------------ backbone weights
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trunk's weights with timm's own key names (loadable into a timm model)."""
+        return self.backbone.model.state_dict()
+
+    def load_backbone(self, source: str | Path | Mapping[str, torch.Tensor]) -> LoadReport:
+        """Load trunk weights (identity pretraining, LAE 2.3) from a file, folder or dict."""
+        return self.backbone.load_pretrained(source)
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        flip: bool = True,
+        rule: Literal["smaller", "bigger"] = "smaller",
+    ) -> Prediction:
+        """GLAE's test protocol: x and its horizontal flip in ONE forward pass, every head.
+
+        Per head (distribution formulations): probs = 0.5 * (p + p_flip), age = the
+        expectation of probs, kl = KL(p || p_flip). With a balanced head the answer is
+        ``adaptive_route`` (``rule``); with one head it is the vanilla head (head 0). Without
+        flip there is no KL, so the vanilla head answers. Regression / ordinal formulations:
+        age = mean of the image and flip ages, head 0. Runs in eval mode under
+        ``torch.inference_mode`` and restores the previous mode.
+        """
+        was_training = self.training
+        names = list(self.heads.keys())
+        try:
+            self.eval()
+            with torch.inference_mode():
+                return self._predict(x, names, flip, rule)
+        finally:
+            self.train(was_training)
+
+    def _predict(self, x: torch.Tensor, names: list[str], flip: bool, rule: str) -> Prediction:
+        b = x.shape[0]
+        batch = torch.cat([x, x.flip(-1)]) if flip else x
+        out = self.forward(batch, heads=names, return_local=False)
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return (t[:b], t[b:]) if flip else (t, None)
+
+        def avg(t: torch.Tensor) -> torch.Tensor:
+            a, f = split(t)
+            return a if f is None else 0.5 * (a + f)
+
+        heads: dict[str, dict[str, torch.Tensor | None]] = {}
+        dists: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name in names:
+            d = out[name]
+            if "logits" in d:
+                p, pf = split(torch.softmax(d["logits"].float(), -1))
+                probs = p if pf is None else 0.5 * (p + pf)
+                kl = None if pf is None else kl_rows(p, pf)
+                heads[name] = {"age": expected_age(probs), "probs": probs, "kl": kl}
+                dists[name] = (p, pf)
+            else:
+                heads[name] = {"age": avg(d["age"].float()), "probs": None, "kl": None}
+        van = heads["vanilla"]
+        age: torch.Tensor = van["age"]  # type: ignore[assignment]
+        probs = van["probs"]
+        choice = torch.zeros(b, dtype=torch.long, device=x.device)
+        if flip and "vanilla" in dists and "balanced" in dists:
+            (pv, pvf), (pb, pbf) = dists["vanilla"], dists["balanced"]
+            probs, choice, _, _ = adaptive_route(pv, pvf, pb, pbf, rule)  # type: ignore[arg-type]
+            age = expected_age(probs)
+        gender = race = None
+        if "gender_logits" in out["vanilla"]:
+            gender = avg(torch.softmax(out["vanilla"]["gender_logits"].float(), -1))
+            race = avg(torch.softmax(out["vanilla"]["race_logits"].float(), -1))
+        return Prediction(age, probs, choice, heads, gender, race)
+
+
+# --------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------
+
+
+def _make_head(mc: ModelConfig, backbone: Backbone, image_size: int, form: Formulation) -> AgeHead:
+    c = backbone.out_channels
+
+    def age_head() -> AgeHead:
+        if mc.head == "linear":
+            return LinearHead(c, form, mc.drop_rate)
+        h, w = backbone.feature_size(image_size)
+        try:
+            return GLAEHead(
+                c, (h, w), form, mc.fr_r, mc.fr_kernel, mc.fr_stride, mc.proj_depth, mc.drop_rate
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"model.backbone={mc.backbone} gives a {c}x{h}x{w} feature map at "
+                f"{image_size} px; with model.fr_r={mc.fr_r}, fr_kernel={mc.fr_kernel}, "
+                f"fr_stride={mc.fr_stride}: {exc}"
+            ) from exc
+
+    if mc.multitask == "none":
+        return age_head()
+    if mc.num_genders < 1 or mc.num_races < 1:
+        raise ValueError(
+            f"model.multitask={mc.multitask} needs num_genders and num_races >= 1, got "
+            f"{mc.num_genders} and {mc.num_races}"
+        )
+    if mc.multitask == "parallel":
+        return ParallelMultiTask(age_head(), c, mc.num_genders, mc.num_races, mc.drop_rate)
+    if mc.multitask == "deep":
+        n = len(backbone.feature_info)
+        if n < 3:
+            raise ValueError(
+                f"model.multitask=deep needs 3 feature levels; {mc.backbone} exposes {n}"
+            )
+        race_i, gender_i = n - 3, n - 2
+        return DeepMultiTask(
+            age_head(),
+            race_i,
+            backbone.stage_channels(race_i),
+            gender_i,
+            backbone.stage_channels(gender_i),
+            mc.num_genders,
+            mc.num_races,
+            drop_rate=mc.drop_rate,
+        )
+    if mc.multitask == "hybrid":
+        if mc.head != "linear":
+            raise ValueError(
+                f"model.multitask=hybrid with model.head={mc.head}: the hybrid net has one age "
+                f"estimator per race-gender group ({mc.num_genders * mc.num_races} here) on GAP "
+                "features (Xing 3.3.3); use model.head=linear"
+            )
+        return HybridMultiTask(c, form, mc.num_genders, mc.num_races, mc.drop_rate)
+    raise ValueError(f"model.multitask={mc.multitask!r} is not one of none, parallel, deep, hybrid")
+
+
+def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> AgeModel:
+    """The model a recipe describes; every shape is checked here, before weights load.
+
+    ``cfg`` is ``cfg.model`` or a whole ``Config`` (then ``image_size`` defaults to
+    ``cfg.data.image_size``). The GLAE head's projection is sized for one input resolution:
+    pass ``image_size`` (pixels, square) -- when neither gives one, ``DataConfig``'s default
+    (112) is used and a forward at another size fails with a message saying so. Pretrained
+    trunk weights (``model.pretrained``) load last, from a local file only.
+    """
+    mc = cfg.model if isinstance(cfg, Config) else cfg
+    if image_size is None and isinstance(cfg, Config):
+        image_size = cfg.data.image_size
+    if image_size is None:
+        image_size = getattr(mc, "image_size", None) or DataConfig().image_size
+    if image_size <= 0:
+        raise ValueError(f"image_size={image_size} must be positive")
+    if mc.head not in ("linear", "glae"):
+        raise ValueError(f"model.head={mc.head!r} is not one of linear, glae")
+    form = Formulation(mc.formulation, mc.num_classes, mc.age_min)
+    if mc.proj_depth < 0:
+        raise ValueError(f"model.proj_depth={mc.proj_depth} must be >= 0")
+    if not 0.0 <= mc.drop_rate < 1.0:
+        raise ValueError(f"model.drop_rate={mc.drop_rate} must be in [0, 1)")
+    backbone = create_backbone(mc.backbone)
+    head = _make_head(mc, backbone, image_size, form)
+    model = AgeModel(backbone, head, mc, image_size)
+    if mc.pretrained:
+        model.load_backbone(mc.pretrained)
+    if mc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,141 @@
+"""Heads: PA on the paper's feature maps, the five formulations, the multi-task nets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ageray.model import (
+    Formulation,
+    GLAEHead,
+    HybridMultiTask,
+    LinearHead,
+    Projection,
+    expected_age,
+)
+from torch import nn
+
+LDL = Formulation("ldl", 101)
+PAPER_OUT_7X7 = {(16, 8): 13, (16, 16): 7, (32, 8): 11, (32, 16): 6}
+
+
+@pytest.mark.parametrize(("kernel", "stride"), list(PAPER_OUT_7X7))
+def test_glae_head_resnet18_shapes(kernel: int, stride: int) -> None:
+    """ResNet-18 at 224: F 512x7x7 -> F' 101xH'xW' -> Proj(101*H'*W' -> 512) -> 101."""
+    head = GLAEHead(512, (7, 7), LDL, 16, kernel, stride)
+    h = PAPER_OUT_7X7[(kernel, stride)]
+    assert isinstance(head.proj[0], nn.Linear)
+    assert head.proj[0].in_features == 101 * h * h and head.proj[0].out_features == 512
+    assert head.classifier.in_features == 512 and head.classifier.out_features == 101
+    out = head(torch.randn(2, 512, 7, 7), return_local=True)
+    assert out["local_logits"].shape == (2, 101, h, h)
+    assert out["logits"].shape == (2, 101) and out["age"].shape == (2,)
+    assert "local_logits" not in head(torch.randn(2, 512, 7, 7))
+
+
+def test_glae_head_resnet50_shapes() -> None:
+    """ResNet-50 at 224 with the paper's (16, 16): 2048x7x7 -> 8x112x112 -> 101x7x7 -> 2048."""
+    head = GLAEHead(2048, (7, 7), LDL, 16, 16, 16)
+    assert head.fr.conv.in_channels == 8
+    assert head.proj[0].in_features == 101 * 49 and head.proj[0].out_features == 2048
+    out = head(torch.randn(2, 2048, 7, 7), return_local=True)
+    assert out["local_logits"].shape == (2, 101, 7, 7) and out["logits"].shape == (2, 101)
+
+
+def test_glae_head_rejects_other_map_size_and_regression() -> None:
+    head = GLAEHead(512, (4, 4), LDL)
+    with pytest.raises(ValueError, match=r"built for a 4x4 feature map.*got 7x7.*image_size"):
+        head(torch.randn(1, 512, 7, 7))
+    with pytest.raises(ValueError, match="head=glae with formulation=mae"):
+        GLAEHead(512, (4, 4), Formulation("mae"))
+
+
+def test_projection_depths() -> None:
+    p0 = Projection(1616, 512, 0)
+    assert [type(m) for m in p0] == [nn.Linear]  # depth 0: one linear layer, no BN/activation
+    p2 = Projection(1616, 512, 2)
+    kinds = [type(m) for m in p2]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+    assert p2[0].in_features == 1616 and p2[3].in_features == 512 and p2[6].out_features == 512
+    with pytest.raises(ValueError, match="proj_depth=-1"):
+        Projection(10, 10, -1)
+
+
+@pytest.mark.parametrize(
+    ("name", "keys", "dim"),
+    [
+        ("ldl", {"logits", "age"}, 101),
+        ("onehot", {"logits", "age"}, 101),
+        ("mse", {"age"}, 1),
+        ("mae", {"age"}, 1),
+        ("ordinal", {"ordinal_logits", "age"}, 100),
+    ],
+)
+def test_linear_head_formulations(name: str, keys: set[str], dim: int) -> None:
+    form = Formulation(name, 101)
+    head = LinearHead(64, form)
+    assert head.classifier.out_features == dim == form.out_dim
+    out = head(torch.randn(2, 64, 3, 3))
+    assert set(out) == keys and out["age"].shape == (2,)
+
+
+def test_formulation_ages_by_hand() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    assert expected_age(probs).tolist() == [1.5, 0.0]
+    ordinal = Formulation("ordinal", 4, age_min=1)  # Xing eq. 11: 1 + sum_k f_k
+    raw = torch.tensor([[0.0, math.log(3.0), -1e4]])  # sigmoids 0.5, 0.75, 0
+    assert ordinal.outputs(raw)["age"].tolist() == pytest.approx([1 + 0.5 + 0.75])
+    mse = Formulation("mse", 101)
+    layer = nn.Linear(4, 1)
+    mse.init_layer(layer)
+    assert layer.bias.item() == 50.0  # middle of 0..100
+    with pytest.raises(ValueError, match="age_min=1 with formulation=ldl"):
+        Formulation("ldl", 101, age_min=1)
+    with pytest.raises(ValueError, match="formulation='huber'"):
+        Formulation("huber")
+
+
+def _hybrid(form: Formulation, channels: int = 3) -> HybridMultiTask:
+    torch.manual_seed(0)
+    return HybridMultiTask(channels, form, num_genders=2, num_races=2)
+
+
+def test_hybrid_fusion_regression_by_hand() -> None:
+    """Xing eq. 13: F_a = sum_k F_group_k * F_k on a tiny example."""
+    head = _hybrid(Formulation("mae", 101))
+    group_logits = torch.tensor([[math.log(1.0), math.log(2.0), math.log(3.0), math.log(4.0)]])
+    ages = torch.tensor([[[10.0], [20.0], [30.0], [40.0]]])
+    out = head.fuse(group_logits, ages)
+    # Group probabilities 0.1, 0.2, 0.3, 0.4 -> 1 + 4 + 9 + 16 = 30.
+    assert out["age"].item() == pytest.approx(30.0)
+    assert out["group_ages"].tolist() == [[10.0, 20.0, 30.0, 40.0]]
+    # group = gender * R + race: gender 0 = groups 0, 1; race 0 = groups 0, 2.
+    assert out["gender_logits"].exp().tolist()[0] == pytest.approx([0.3, 0.7])
+    assert out["race_logits"].exp().tolist()[0] == pytest.approx([0.4, 0.6])
+
+
+def test_hybrid_forward_matches_formula() -> None:
+    head = _hybrid(Formulation("ldl", 5), channels=3)
+    x = torch.randn(2, 3, 2, 2)
+    out = head(x)
+    pooled = x.mean((2, 3))
+    g = torch.softmax(head.group(pooled), -1)
+    p_k = torch.stack([torch.softmax(h(pooled), -1) for h in head.age_heads], 1)
+    ages_k = (p_k * torch.arange(5.0)).sum(-1)
+    assert torch.allclose(out["age"], (g * ages_k).sum(-1), atol=1e-5)
+    fused = (g[..., None] * p_k).sum(1)
+    assert torch.allclose(torch.softmax(out["logits"], -1), fused, atol=1e-6)
+    assert out["group_logits"].shape == (2, 4) and out["group_ages"].shape == (2, 4)
+
+
+def test_hybrid_ordinal_fusion() -> None:
+    form = Formulation("ordinal", 5, age_min=1)
+    head = _hybrid(form)
+    raw = torch.randn(1, 4, 4)
+    glog = torch.randn(1, 4)
+    out = head.fuse(glog, raw)
+    g = torch.softmax(glog, -1)
+    expected = (g * (1 + torch.sigmoid(raw).sum(-1))).sum(-1)
+    assert torch.allclose(out["age"], expected, atol=1e-5)
+    assert out["ordinal_logits"].shape == (1, 4)
