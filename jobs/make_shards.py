@@ -1,0 +1,231 @@
+"""Import a face-age dataset (or generate the synthetic one) into train/val/test tar shards
+plus manifest.json, in a local folder or under s3://bucket/prefix.
+
+    python -m jobs.make_shards --source synthetic --num-samples 4000 --output runs/shards/synthetic
+    python -m jobs.make_shards --source utkface --input ../shared/data/utkface-dev.tar \\
+        --output s3://ageray/shards/utkface --align --on-no-face keep --workers 4
+    python -m jobs.make_shards --source appa-real --input data/appa-real-release \\
+        --label apparent --splits test=1 --output runs/shards/appa-test
+
+Splits are deterministic (by identity when the source has identities, so nobody is in two
+splits; else by key), shards are written atomically and a re-run replaces the previous
+output (same names, stale shards removed, manifest last). Importer-specific settings go
+through --importer-option KEY=VALUE (e.g. images_root=..., id_col=... for morph).
+The rules live in ageray.data (importers, align, shards); this job only wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import sys
+import time
+from typing import Any
+
+SOURCES = ("utkface", "fgnet", "appa-real", "mivia", "morph", "folders", "csv", "synthetic")
+
+
+def parse_size(text: str) -> int:
+    """``123``, ``64K``, ``512M``, ``2G`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1000000, 64K, 512M, 2G")
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--importer-option {text!r} must look like KEY=VALUE")
+    key, value = text.split("=", 1)
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.make_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--source", required=True, choices=SOURCES, help="dataset importer")
+    p.add_argument(
+        "--input",
+        help="dataset folder, tar or csv (see ageray.data.importers); not needed for synthetic",
+    )
+    p.add_argument("--output", required=True, help="shard folder or s3://bucket/prefix")
+    p.add_argument(
+        "--splits",
+        default="train=0.8,val=0.1,test=0.1",
+        help="name=fraction,... summing to 1 (default: %(default)s; test=1 for a test-only set)",
+    )
+    p.add_argument(
+        "--align",
+        action="store_true",
+        help="detect the face and align it on the 5-point template (as Serve does)",
+    )
+    p.add_argument(
+        "--on-no-face",
+        choices=("keep", "drop"),
+        default="keep",
+        help="with --align: keep (centre crop) or drop images without a detected face",
+    )
+    p.add_argument(
+        "--detector",
+        choices=("auto", "mtcnn", "haar"),
+        default="auto",
+        help="with --align: face detector (auto = MTCNN when installed, else Haar)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=112,
+        help="aligned crop size (--align) and synthetic image size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-count", type=int, default=1000, help="samples per shard at most (%(default)s)"
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=parse_size("512M"),
+        help="bytes per shard at most, e.g. 256M (default: 512M)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="threads for verify/align and shard writing (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="split and shard-order seed (%(default)s)")
+    p.add_argument("--num-samples", type=int, default=4000, help="synthetic: images (%(default)s)")
+    p.add_argument(
+        "--images-per-identity", type=int, default=8, help="synthetic: images per identity"
+    )
+    p.add_argument(
+        "--label",
+        choices=("real", "apparent"),
+        default="real",
+        help="appa-real: real age, or apparent age with its std (default: %(default)s)",
+    )
+    p.add_argument(
+        "--importer-option",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra keyword for the importer, e.g. images_root=/data/morph (repeatable)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not decode every image while writing (faster; corrupt images then surface "
+        "as skips in every training epoch instead)",
+    )
+    p.add_argument(
+        "--multipart-threshold",
+        type=parse_size,
+        default=parse_size("64M"),
+        help="S3: upload shards larger than this in parts (default: 64M)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="import only the first N records (trial runs)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jobs._common import setup_logging
+
+    setup_logging()
+    from ageray.data.importers import IMPORTERS
+    from ageray.data.records import ImportReport
+    from ageray.data.shards import align_transform, parse_splits, summarize, write_shards
+
+    try:
+        splits = parse_splits(args.splits)
+    except ValueError as exc:
+        print(f"make_shards: {exc}", file=sys.stderr)
+        return 2
+    if args.source != "synthetic" and not args.input:
+        print(f"make_shards: --input is required for --source {args.source}", file=sys.stderr)
+        return 2
+
+    options: dict[str, Any] = dict(args.importer_option)
+    if args.source == "synthetic":
+        options.update(
+            num_samples=args.num_samples,
+            image_size=args.image_size,
+            images_per_identity=args.images_per_identity,
+            seed=args.seed,
+        )
+    options.setdefault("progress", not args.quiet)
+    if args.source == "appa-real":
+        options["label"] = args.label
+    report = ImportReport(source=args.source)
+    records = IMPORTERS[args.source](args.input, report, **options)
+    if args.limit is not None:
+        records = itertools.islice(records, args.limit)
+
+    transform = aligner = None
+    if args.align:
+        from ageray.data.align import FaceAligner
+
+        aligner = FaceAligner(
+            output_size=args.image_size, detector=args.detector, on_no_face=args.on_no_face
+        )
+        transform = align_transform(aligner)
+        print(f"aligning with {aligner!r} (backend {aligner.backend})")
+
+    start = time.time()
+    manifest = write_shards(
+        records,
+        args.output,
+        splits=splits,
+        max_count=args.max_count,
+        max_bytes=args.max_bytes,
+        workers=args.workers,
+        seed=args.seed,
+        transform=transform,
+        report=report,
+        source=args.source,
+        input=args.input or "",
+        options={
+            "align": args.align,
+            "on_no_face": args.on_no_face if args.align else None,
+            "detector": args.detector if args.align else None,
+            "image_size": args.image_size,
+            "importer": {k: v for k, v in options.items() if k != "progress"},
+            "verify_images": not args.no_verify,
+        },
+        align_stats=aligner.stats if aligner is not None else None,
+        verify_images=not args.no_verify,
+        multipart_threshold=args.multipart_threshold,
+        progress=not args.quiet,
+    )
+    print(report.summary())
+    print(summarize(manifest, args.output))
+    total = sum(s["count"] for s in manifest["splits"].values())
+    print(f"done in {time.time() - start:.1f}s")
+    if total == 0:
+        print(
+            f"make_shards: no sample was written; check --input {args.input} and the skip "
+            "reasons above",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,757 @@
+"""The shard writer: records -> train/val/test tar shards + ``manifest.json``.
+
+Layout and formats are fixed in docs/design.md ("Shards on disk or S3"). What this module
+decides, and why:
+
+**Two passes, bounded memory.** Splitting by identity needs every identity before the first
+byte is written, and shards must be shuffled (importers often yield files sorted by age:
+shards in that order would feed a training stream nothing but babies for minutes). Pass 1
+iterates the importer once, optionally aligns each record (``transform``) and verifies it
+decodes, in a thread pool; the image bytes are appended to one local staging file and only
+~200 bytes of metadata per record stay in RAM. Pass 2 packs each shard from the staging file
+(random access by offset) in parallel. RAM is O(records x metadata), never O(images); disk
+is one copy of the (aligned) images under the temp folder. The importer runs once, so its
+report is counted once.
+
+**Splits.** Deterministic and stable under growth: each *group* goes to the split where
+``sha256(seed, group)`` (as a number in [0, 1)) falls among the cumulative fractions. A group
+is the identity when the record has one (nobody spans two splits), else the key. Adding
+records never moves an existing record to another split, so test data never leaks into train
+when a data set grows. Fractions are met in expectation (exactly for ``{"test": 1}``).
+
+**Order and shard boundaries.** Within a split, samples are ordered by ``sha256(seed, key)``
+(a fixed shuffle), except that the first sample of every age class comes first: the first
+shard(s) then hold every age of the split, which lets a class-balanced stream start fast.
+Shards are cut at ``max_count`` samples or ``max_bytes`` (tar bytes, estimated exactly from
+the member sizes), named ``<split>/<split>-NNNNNN.tar``.
+
+**Atomicity and re-runs.** Each shard is written through ``storage.atomic_write`` (local:
+temp name in the same folder + ``os.replace``; S3: a complete upload, multipart above
+``multipart_threshold``), so no half-written shard is ever visible under its final name.
+Tar headers are fixed (mtime 0, uid/gid 0, mode 0644), so the same input gives byte-identical
+shards with the same names and sha256. A re-run first deletes the old ``manifest.json``
+(readers then get a clear "run make_shards first" instead of a manifest that no longer matches
+the shards), writes the shards, writes the new manifest last (atomically), and only then
+deletes shards of the earlier run that the new manifest does not list (e.g. it had more
+shards, or other splits) and temporary files of crashed runs. A crash at any point leaves
+either no manifest or a manifest whose shards all exist. One writer per output at a time.
+
+**Manifest.** As in docs/design.md, plus: each shard's ``age_hist`` (a class-balanced stream
+reads shards covering every age first), ``skipped`` / ``skipped_total`` /
+``skipped_examples`` for records the writer dropped (``not_image``, ``truncated``,
+``bad_age``, ``duplicate_key``, ``transform_dropped``, ``transform_error``; the importer's
+own skips are under ``import``) and ``align.enabled``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import tempfile
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from ageray.data import storage
+from ageray.data.records import ImportReport, Record
+from ageray.data.samplers import age_class
+from ageray.data.transforms import CorruptImageError, decode_image
+
+__all__ = [
+    "FORMAT",
+    "LABEL_FIELDS",
+    "MANIFEST",
+    "align_transform",
+    "assign_split",
+    "parse_splits",
+    "stable_unit",
+    "summarize",
+    "write_shards",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ageray-shards/1"
+MANIFEST = "manifest.json"
+LABEL_FIELDS = ("age", "age_std", "gender", "race", "identity", "box")
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/(?P=split)-\d{6}\.tar$")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_BLOCK = tarfile.BLOCKSIZE
+DEFAULT_SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+# --------------------------------------------------------------------------------------
+# Split rule
+# --------------------------------------------------------------------------------------
+
+
+def parse_splits(text: str | Mapping[str, float]) -> dict[str, float]:
+    """``"train=0.8,val=0.1,test=0.1"`` (or a mapping) -> validated ``{name: fraction}``.
+
+    Fractions must be >= 0 and sum to 1 (within 1e-6); ``test=1`` puts everything in test.
+    """
+    if isinstance(text, Mapping):
+        items = [(str(k), float(v)) for k, v in text.items()]
+    else:
+        items = []
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(
+                    f"--splits {text!r}: {part!r} must look like name=fraction, "
+                    "e.g. train=0.8,val=0.1,test=0.1"
+                )
+            name, value = part.split("=", 1)
+            try:
+                items.append((name.strip(), float(value)))
+            except ValueError as exc:
+                raise ValueError(f"--splits {text!r}: {value!r} is not a number") from exc
+    if not items:
+        raise ValueError(f"--splits {text!r}: no splits given")
+    out: dict[str, float] = {}
+    for name, frac in items:
+        if not SPLIT_NAME.match(name):
+            raise ValueError(f"split name {name!r} must match {SPLIT_NAME.pattern}")
+        if name in out:
+            raise ValueError(f"split {name!r} given twice in {text!r}")
+        if not (frac >= 0 and math.isfinite(frac)):
+            raise ValueError(f"split {name}={frac}: fractions must be >= 0")
+        out[name] = frac
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split fractions {out} sum to {total:g}; they must sum to 1")
+    return out
+
+
+def stable_unit(seed: int, text: str) -> float:
+    """A deterministic number in [0, 1) from ``(seed, text)``; the same on every machine and
+    Python version (unlike ``hash()``)."""
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(group: str, splits: Mapping[str, float], seed: int = 0) -> str:
+    """The split of a group (identity or key): where its stable hash falls among the
+    cumulative fractions. Depends only on ``group``, ``splits`` and ``seed``."""
+    u = stable_unit(seed, group)
+    acc = 0.0
+    last = None
+    for name, frac in splits.items():
+        if frac <= 0:
+            continue
+        acc += frac
+        last = name
+        if u < acc:
+            return name
+    assert last is not None, "parse_splits guarantees a positive fraction"
+    return last
+
+
+# --------------------------------------------------------------------------------------
+# Pass 1: import, transform, verify, stage
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: str
+    offset: int
+    length: int
+    ext: str
+    age: float | None
+    age_std: float | None
+    gender: int | None
+    race: int | None
+    identity: str | None
+    box: list[float] | None
+    width: int
+    height: int
+    order: float = 0.0
+    json_len: int = 0
+
+
+@dataclass
+class _Prepared:
+    record: Record | None
+    image: bytes = b""
+    ext: str = ""
+    size: tuple[int, int] = (0, 0)
+    box: list[float] | None = None
+    skip: str | None = None
+    detail: str = ""
+
+
+def _prepare(
+    record: Record, transform: Callable[[Record], Record | None] | None, verify: bool
+) -> _Prepared:
+    """Runs in a pool thread: verify the image decodes (so a corrupt file is counted as
+    ``not_image``/``truncated``, not as an alignment failure), align (optional), pick the
+    member extension. Returns a skip reason instead of raising for unusable records."""
+    name = record.source or record.key
+    if record.age is not None and not math.isfinite(float(record.age)):
+        return _Prepared(None, skip="bad_age", detail=f"{name}: age={record.age}")
+    data = record.image
+    try:
+        img = decode_image(data, name=name) if verify else None
+        if transform is None:
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt, size = probe.format, probe.size
+    except CorruptImageError as exc:
+        return _Prepared(None, skip=exc.reason, detail=str(exc))
+    except (OSError, SyntaxError, ValueError) as exc:  # verify=False and not an image
+        return _Prepared(None, skip="not_image", detail=f"{name}: {exc}")
+    if transform is not None:
+        try:
+            out = transform(record)
+        except (CorruptImageError, OSError, ValueError, RuntimeError) as exc:
+            return _Prepared(None, skip="transform_error", detail=f"{name}: {exc}")
+        if out is None:
+            return _Prepared(None, skip="transform_dropped", detail=name)
+        record, data = out, out.image
+        try:
+            img = decode_image(data, name=name) if verify else None
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt, size = probe.format, probe.size
+        except (CorruptImageError, OSError, SyntaxError, ValueError) as exc:
+            return _Prepared(None, skip="transform_error", detail=f"{name}: output: {exc}")
+    if fmt == "JPEG":
+        ext = "jpg"
+    elif fmt == "PNG":
+        ext = "png"
+    else:  # BMP, WEBP, TIFF...: store losslessly as PNG so the contract stays jpg|png
+        if img is None:
+            img = decode_image(data, name=name)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        data, ext = buf.getvalue(), "png"
+    box = getattr(record, "box", None)
+    return _Prepared(record, image=data, ext=ext, size=size, box=list(box) if box else None)
+
+
+class _Staging:
+    """Pass 1 output: image bytes appended to one local file, metadata in a list."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, "images.bin")
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed in finish()
+        self.entries: list[_Entry] = []
+        self.keys: set[str] = set()
+        self.offset = 0
+        self._fd: int | None = None
+
+    def add(self, prep: _Prepared) -> None:
+        rec = prep.record
+        assert rec is not None
+        self._fh.write(prep.image)
+        self.entries.append(
+            _Entry(
+                key=rec.key,
+                offset=self.offset,
+                length=len(prep.image),
+                ext=prep.ext,
+                age=None if rec.age is None else float(rec.age),
+                age_std=None if rec.age_std is None else float(rec.age_std),
+                gender=rec.gender,
+                race=rec.race,
+                identity=rec.identity,
+                box=prep.box,
+                width=prep.size[0],
+                height=prep.size[1],
+            )
+        )
+        self.offset += len(prep.image)
+
+    def finish(self) -> None:
+        self._fh.close()
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read(self, entry: _Entry) -> bytes:
+        assert self._fd is not None
+        return os.pread(self._fd, entry.length, entry.offset)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --------------------------------------------------------------------------------------
+# Pass 2: pack shards
+# --------------------------------------------------------------------------------------
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and sha256-hashes everything written through it to ``fh``."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        super().__init__()
+        self.fh = fh
+        self.hash = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.fh.write(view)
+        self.hash.update(view)
+        self.nbytes += len(view)
+        return len(view)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _member_bytes(size: int) -> int:
+    return _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+@dataclass
+class _ShardPlan:
+    split: str
+    index: int
+    entries: list[_Entry] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/{self.split}-{self.index:06d}.tar"
+
+
+def _labels_json(entry: _Entry, identity_index: Mapping[str, int]) -> bytes:
+    labels = {
+        "age": entry.age,
+        "age_std": entry.age_std,
+        "gender": entry.gender,
+        "race": entry.race,
+        "identity": None if entry.identity is None else identity_index[entry.identity],
+        "identity_name": entry.identity,
+        "box": entry.box,
+    }
+    return json.dumps(labels, separators=(",", ":")).encode()
+
+
+def _write_shard(
+    plan: _ShardPlan,
+    staging: _Staging,
+    output: str,
+    identity_index: Mapping[str, int],
+    multipart_threshold: int,
+) -> dict[str, Any]:
+    url = storage.join(output, plan.name)
+    hist: Counter[int] = Counter()
+    with storage.atomic_write(url, multipart_threshold=multipart_threshold) as fh:
+        hw = _HashingWriter(fh)
+        with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for e in plan.entries:
+                image = staging.read(e)
+                labels = _labels_json(e, identity_index)
+                tar.addfile(_tarinfo(f"{e.key}.{e.ext}", len(image)), io.BytesIO(image))
+                tar.addfile(_tarinfo(f"{e.key}.json", len(labels)), io.BytesIO(labels))
+                c = age_class(e.age, 10**9)
+                if c is not None:
+                    hist[c] += 1
+    return {
+        "name": plan.name,
+        "count": len(plan.entries),
+        "bytes": hw.nbytes,
+        "sha256": hw.hash.hexdigest(),
+        "age_hist": {str(k): v for k, v in sorted(hist.items())},
+    }
+
+
+def _order_split(entries: list[_Entry], seed: int, num_classes: int) -> list[_Entry]:
+    """Fixed shuffle by hash of key, with one sample of every age class first."""
+    for e in entries:
+        e.order = stable_unit(seed, "order:" + e.key)
+    entries.sort(key=lambda e: (e.order, e.key))
+    head: dict[int, _Entry] = {}
+    for e in entries:
+        c = age_class(e.age, num_classes)
+        if c is not None and c not in head:
+            head[c] = e
+    first = [head[c] for c in sorted(head)]
+    chosen = {id(e) for e in first}
+    return first + [e for e in entries if id(e) not in chosen]
+
+
+def _entry_tar_bytes(e: _Entry) -> int:
+    """Exact tar bytes of a sample's two members (+ a PAX header block pair per long name)."""
+    total = 0
+    for name_len, size in ((len(e.key) + 1 + len(e.ext), e.length), (len(e.key) + 5, e.json_len)):
+        total += _member_bytes(size)
+        if name_len >= tarfile.LENGTH_NAME:
+            total += 2 * _BLOCK
+    return total
+
+
+def _cut_shards(
+    split: str, entries: list[_Entry], max_count: int, max_bytes: int
+) -> list[_ShardPlan]:
+    """Consecutive runs of ``entries`` of at most ``max_count`` samples and ``max_bytes`` tar
+    bytes (end-of-archive and record padding included). A single sample larger than
+    ``max_bytes`` gets a shard of its own."""
+
+    def tar_size(member_bytes: int) -> int:
+        return -(-(member_bytes + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+    plans: list[_ShardPlan] = []
+    cur: _ShardPlan | None = None
+    cur_bytes = 0
+    for e in entries:
+        size = _entry_tar_bytes(e)
+        if cur is None or (
+            cur.entries
+            and (len(cur.entries) >= max_count or tar_size(cur_bytes + size) > max_bytes)
+        ):
+            cur = _ShardPlan(split, len(plans))
+            plans.append(cur)
+            cur_bytes = 0
+        cur.entries.append(e)
+        cur_bytes += size
+    return plans
+
+
+def _split_stats(plans: list[_ShardPlan], shard_infos: list[dict[str, Any]]) -> dict[str, Any]:
+    entries = [e for p in plans for e in p.entries]
+    hist: Counter[int] = Counter()
+    present: set[str] = set()
+    identities: set[str] = set()
+    for e in entries:
+        c = age_class(e.age, 10**9)  # keep real ages (e.g. 116) in the histogram
+        if c is not None:
+            hist[c] += 1
+        for name in LABEL_FIELDS:
+            value = e.identity if name == "identity" else getattr(e, name)
+            if value is not None:
+                present.add(name)
+        if e.identity is not None:
+            identities.add(e.identity)
+    if entries:
+        ws = [e.width for e in entries]
+        hs = [e.height for e in entries]
+        size = {
+            "min": [min(ws), min(hs)],
+            "max": [max(ws), max(hs)],
+            "mean": [round(sum(ws) / len(ws), 2), round(sum(hs) / len(hs), 2)],
+        }
+    else:
+        size = {"min": None, "max": None, "mean": None}
+    return {
+        "count": len(entries),
+        "shards": shard_infos,
+        "age_hist": {str(k): v for k, v in sorted(hist.items())},
+        "fields": [f for f in LABEL_FIELDS if f in present],
+        "image_size": size,
+        "identities": len(identities),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------
+
+
+def write_shards(
+    records: Iterable[Record],
+    output: str | os.PathLike[str],
+    *,
+    splits: Mapping[str, float] | str = DEFAULT_SPLITS,
+    max_count: int = 1000,
+    max_bytes: int = 512 * 1024 * 1024,
+    workers: int = 4,
+    seed: int = 0,
+    transform: Callable[[Record], Record | None] | None = None,
+    report: ImportReport | None = None,
+    source: str = "",
+    input: str = "",
+    options: Mapping[str, Any] | None = None,
+    align_stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    verify_images: bool = True,
+    multipart_threshold: int = storage.DEFAULT_MULTIPART_THRESHOLD,
+    num_classes: int = 101,
+    progress: bool = True,
+    tmp_dir: str | None = None,
+) -> dict[str, Any]:
+    """Write ``records`` as split tar shards + ``manifest.json`` under ``output`` (a folder
+    or ``s3://bucket/prefix``) and return the manifest.
+
+    ``transform(record) -> Record | None`` runs on every record before it is staged (face
+    alignment); None drops the record (counted as ``transform_dropped``). It is called from
+    ``workers`` threads at once: it must be thread-safe (or pass ``workers=1``). A transform
+    may set a ``box`` attribute on the record it returns; it is stored in the label JSON.
+    ``report`` is the importer's report, stored under ``"import"``; pass it after the
+    importer has been consumed (the writer consumes ``records`` before writing the manifest).
+    ``verify_images`` decodes every image once so corrupt files are dropped here (counted by
+    reason) instead of in every training epoch. See the module docstring for the rules.
+    """
+    output = str(output).rstrip("/") if storage.is_s3(output) else str(output)
+    fractions = parse_splits(splits)
+    if max_count < 1:
+        raise ValueError(f"max_count={max_count} must be at least 1")
+    if max_bytes < 4 * _BLOCK:
+        raise ValueError(f"max_bytes={max_bytes} is too small for even one sample")
+    workers = max(1, int(workers))
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, detail: str) -> None:
+        skipped[reason] += 1
+        ex = examples.setdefault(reason, [])
+        if len(ex) < 5:
+            ex.append(detail)
+
+    with tempfile.TemporaryDirectory(prefix="ageray-shards-", dir=tmp_dir) as tmp:
+        staging = _Staging(tmp)
+        try:
+            _pass1(records, staging, transform, verify_images, workers, skip, progress)
+            staging.finish()
+            manifest = _pass2(
+                staging,
+                output,
+                fractions=fractions,
+                max_count=max_count,
+                max_bytes=max_bytes,
+                workers=workers,
+                seed=seed,
+                num_classes=num_classes,
+                multipart_threshold=multipart_threshold,
+                progress=progress,
+                header={
+                    "format": FORMAT,
+                    "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "source": source,
+                    "input": str(input),
+                    "options": {
+                        **dict(options or {}),
+                        "splits": fractions,
+                        "seed": seed,
+                        "max_count": max_count,
+                        "max_bytes": max_bytes,
+                    },
+                },
+                footer={
+                    "import": report.to_dict() if report is not None else None,
+                    "align": _align_stats(align_stats, transform),
+                    "skipped": dict(sorted(skipped.items())),
+                    "skipped_total": sum(skipped.values()),
+                    "skipped_examples": examples,
+                },
+            )
+        finally:
+            staging.close()
+    return manifest
+
+
+def _align_stats(
+    stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None,
+    transform: Callable[..., Any] | None,
+) -> dict[str, Any]:
+    if callable(stats):
+        stats = stats()
+    out = {"enabled": transform is not None}
+    out.update(dict(stats or {}))
+    return out
+
+
+def _pass1(
+    records: Iterable[Record],
+    staging: _Staging,
+    transform: Callable[[Record], Record | None] | None,
+    verify: bool,
+    workers: int,
+    skip: Callable[[str, str], None],
+    progress: bool,
+) -> None:
+    """Import -> (transform, verify) in a thread pool, results consumed in input order so the
+    outcome is deterministic; at most ``4 * workers`` records in flight."""
+    inflight: deque[Future[_Prepared]] = deque()
+    bar = tqdm(desc="import", unit="img", disable=not progress, smoothing=0.1)
+
+    def consume(fut: Future[_Prepared]) -> None:
+        prep = fut.result()
+        bar.update(1)
+        if prep.skip is not None:
+            skip(prep.skip, prep.detail)
+            return
+        assert prep.record is not None
+        if prep.record.key in staging.keys:
+            skip("duplicate_key", prep.record.source or prep.record.key)
+            return
+        staging.keys.add(prep.record.key)
+        staging.add(prep)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="shards-import") as pool:
+            for rec in records:
+                if not isinstance(rec, Record):
+                    raise TypeError(f"write_shards expects Record objects, got {type(rec)!r}")
+                inflight.append(pool.submit(_prepare, rec, transform, verify))
+                while len(inflight) >= 4 * workers:
+                    consume(inflight.popleft())
+            while inflight:
+                consume(inflight.popleft())
+    finally:
+        for fut in inflight:
+            fut.cancel()
+        bar.close()
+
+
+def _pass2(
+    staging: _Staging,
+    output: str,
+    *,
+    fractions: Mapping[str, float],
+    max_count: int,
+    max_bytes: int,
+    workers: int,
+    seed: int,
+    num_classes: int,
+    multipart_threshold: int,
+    progress: bool,
+    header: dict[str, Any],
+    footer: dict[str, Any],
+) -> dict[str, Any]:
+    entries = staging.entries
+    identities = sorted({e.identity for e in entries if e.identity is not None})
+    identity_index = {name: i for i, name in enumerate(identities)}
+    by_split: dict[str, list[_Entry]] = {name: [] for name in fractions}
+    for e in entries:
+        group = f"identity:{e.identity}" if e.identity is not None else f"key:{e.key}"
+        by_split[assign_split(group, fractions, seed)].append(e)
+        e.json_len = len(_labels_json(e, identity_index))
+    plans: dict[str, list[_ShardPlan]] = {}
+    for name, split_entries in by_split.items():
+        ordered = _order_split(split_entries, seed, num_classes)
+        plans[name] = _cut_shards(name, ordered, max_count, max_bytes)
+    all_plans = [p for ps in plans.values() for p in ps]
+
+    manifest_url = storage.join(output, MANIFEST)
+    storage.remove(manifest_url)  # readers must not pair an old manifest with new shards
+    infos: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    bar = tqdm(total=len(all_plans), desc="shards", unit="shard", disable=not progress)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="shards-write") as pool:
+            futures = [
+                pool.submit(
+                    _write_shard, plan, staging, output, identity_index, multipart_threshold
+                )
+                for plan in all_plans
+            ]
+            for fut in futures:
+                info = fut.result()
+                with lock:
+                    infos[info["name"]] = info
+                bar.update(1)
+    finally:
+        bar.close()
+
+    manifest: dict[str, Any] = dict(header)
+    manifest["num_identities"] = len(identities)
+    manifest["splits"] = {
+        name: _split_stats(ps, [infos[p.name] for p in ps]) for name, ps in plans.items()
+    }
+    manifest.update(footer)
+    storage.write_json(manifest_url, manifest)
+    _remove_stale(output, {p.name for p in all_plans})
+    return manifest
+
+
+def _remove_stale(output: str, keep: set[str]) -> list[str]:
+    """Delete shards of earlier runs that the new manifest does not list, and temporary files
+    of crashed runs. Only names that look like ours are touched."""
+    removed = []
+    prefix = storage.join(output, "")
+    for url in storage.list_files(output):
+        rel = url[len(prefix) :] if url.startswith(prefix) else os.path.relpath(url, output)
+        rel = rel.replace(os.sep, "/")
+        if "/" not in rel:
+            continue
+        folder, base = rel.rsplit("/", 1)
+        stale_shard = SHARD_NAME.match(rel) and rel not in keep
+        crashed_tmp = SPLIT_NAME.match(folder) and base.startswith(".") and storage.TMP_MARK in base
+        if stale_shard or crashed_tmp:
+            storage.remove(url)
+            removed.append(rel)
+    if removed:
+        log.info("removed %d stale file(s) under %s", len(removed), output)
+    return removed
+
+
+def align_transform(aligner: Any, *, quality: int = 95) -> Callable[[Record], Record | None]:
+    """The writer's ``transform`` for a :class:`ageray.data.align.FaceAligner`: the aligned
+    JPEG crop replaces the image (None when the aligner drops a face-less image) and the
+    detected face box goes to the label JSON. Thread-safe as the aligner is."""
+    from ageray.data.align import align_record
+
+    def transform(record: Record) -> Record | None:
+        new, result = align_record(record, aligner, quality=quality)
+        if new is None:
+            return None
+        if result.box is not None:
+            new.box = [round(float(v), 2) for v in result.box]  # type: ignore[attr-defined]
+        return new
+
+    return transform
+
+
+# --------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------
+
+
+def summarize(manifest: Mapping[str, Any], where: str = "") -> str:
+    """A few lines a person can read at the end of ``jobs.make_shards``."""
+    lines = []
+    total = 0
+    for name, split in manifest.get("splits", {}).items():
+        total += split["count"]
+        ids = f", {split['identities']} identities" if split.get("identities") else ""
+        lines.append(
+            f"  {name:<6} {split['count']:>7} samples in {len(split['shards']):>4} shard(s)"
+            f"{ids}; labels: {', '.join(split['fields']) or '-'}"
+        )
+    imp = manifest.get("import") or {}
+    skipped = manifest.get("skipped") or {}
+    head = f"{manifest.get('source') or 'records'}: {total} samples written"
+    if imp:
+        head += (
+            f" (imported {imp.get('imported', 0)}, importer skipped {imp.get('skipped_total', 0)})"
+        )
+    lines.insert(0, head)
+    if skipped:
+        lines.append(
+            "  writer skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        )
+    align = manifest.get("align") or {}
+    if align.get("enabled"):
+        stats = {k: v for k, v in align.items() if k != "enabled"}
+        lines.append("  alignment: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if where:
+        lines.append(f"  manifest: {storage.join(where, MANIFEST)}")
+    return "\n".join(lines)
