@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,7 +127,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def fault_marker(storage_path: str, name: str, stage: str) -> Path:
     """Where a one-shot fault injection remembers that it already fired."""
     base = Path(storage_path) if "://" not in storage_path else Path(tempfile.gettempdir())
-    return base / name / f".fault-injected-{stage}"
+    return base / name / stage / ".fault-injected"
 
 
 def maybe_inject_fault(
@@ -144,5 +145,8 @@ def maybe_inject_fault(
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
-    print(f"[ageray] fault injection: killing rank {rank} at epoch {epoch} step {step}", flush=True)
+    sys.stdout.write(
+        f"[ageray] fault injection: killing rank {rank} at epoch {epoch} step {step}\n"
+    )
+    sys.stdout.flush()
     os._exit(1)

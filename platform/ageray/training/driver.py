@@ -1,10 +1,13 @@
 """Driver side of a stage: Ray start-up sized for the machine, the ``TorchTrainer`` with
 scaling, storage, checkpoint and failure settings, and the hand-over of the best checkpoint.
 
-Why the run name is stable (``<run.name>-<stage>``): Ray Train V2 restores a run from the
-checkpoint-manager snapshot in ``storage_path/<name>``, so resubmitting the same job after a
+Why the run name is stable (``<run.name>/<stage>``): Ray Train V2 restores a run from the
+checkpoint-manager snapshot in ``<storage>/<name>``, so resubmitting the same job after a
 crash resumes from the latest checkpoint instead of starting over. A stage that already
 finished is not trained again: its ``result.json`` is reused unless ``fresh=True``.
+
+Layout of a run (local storage): ``<storage_path>/<run.name>/<stage>/`` holds Ray Train's
+checkpoints (``checkpoint_*``), the best one copied to ``model/`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -63,11 +66,38 @@ def init_ray(cfg: Config) -> None:
     )
 
 
+def _abs(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def absolutize_paths(cfg: Config) -> Config:
+    """Local paths resolved against the driver's folder: Ray workers run elsewhere (their own
+    working directory), so a relative ``data.shards`` would point at nothing there."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, storage_path=_abs(cfg.run.storage_path)),
+        data=dataclasses.replace(cfg.data, shards=_abs(cfg.data.shards)),
+        model=dataclasses.replace(cfg.model, pretrained=_abs(cfg.model.pretrained)),
+        pretrain=dataclasses.replace(cfg.pretrain, shards=_abs(cfg.pretrain.shards)),
+        train=dataclasses.replace(cfg.train, init_from=_abs(cfg.train.init_from)),
+    )
+
+
 def local_run_dir(cfg: Config) -> Path:
     """This run's local folder (outputs the driver keeps: stage models, reports)."""
     storage = cfg.run.storage_path
     base = Path(storage) if "://" not in storage else Path("runs")
     return (base / cfg.run.name).resolve()
+
+
+def ray_storage(cfg: Config) -> str:
+    """Ray Train's storage for this run: ``<storage_path>/<run.name>``, so a run's
+    checkpoints (``<stage>/checkpoint_*``) sit beside the driver's outputs for that stage."""
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
 def storage_args(storage_path: str) -> dict[str, Any]:
@@ -128,11 +158,8 @@ def run_stage_on_ray(
 
     out_dir = local_run_dir(cfg) / stage
     result_file = out_dir / "result.json"
-    ray_name = f"{cfg.run.name}-{stage}"
     if fresh:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        if "://" not in cfg.run.storage_path:
-            shutil.rmtree(Path(cfg.run.storage_path).resolve() / ray_name, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)  # local storage: Ray's state is in there too
     elif result_file.is_file():
         done = json.loads(result_file.read_text())
         print(
@@ -148,14 +175,15 @@ def run_stage_on_ray(
         )
 
     init_ray(cfg)
+    cfg = absolutize_paths(cfg)
     metric, mode = _metric_for(stage, cfg)
     spec = StageSpec(
         stage=stage,
         config=to_dict(cfg),
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
-        init_model=str(init_model) if init_model else None,
-        init_backbone=str(init_backbone) if init_backbone else None,
+        init_model=_abs(str(init_model)) if init_model else None,
+        init_backbone=_abs(str(init_backbone)) if init_backbone else None,
         mae_ref=mae_ref,
     )
     trainer = TorchTrainer(
@@ -163,14 +191,14 @@ def run_stage_on_ray(
         train_loop_config=spec.to_dict(),
         scaling_config=_scaling(cfg),
         run_config=RunConfig(
-            name=ray_name,
+            name=stage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.checkpoint_keep,
                 checkpoint_score_attribute=metric,
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            **storage_args(cfg.run.storage_path),
+            **storage_args(ray_storage(cfg)),
         ),
     )
     t0 = time.time()

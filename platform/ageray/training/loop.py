@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -80,6 +81,13 @@ class StagePlan:
 # ------------------------------------------------------------------------ helpers
 
 
+def say(message: str) -> None:
+    """A progress line from a worker. Written to stdout directly: Ray Train V2 patches
+    ``print`` into its logger, which echoes each line twice on the driver's console."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -126,7 +134,13 @@ def collect_predictions(
     bare = unwrap(model)
     was_training = bare.training
     bare.eval()
-    loader = eval_loader(cfg.data, split, rank=ctx.rank, world_size=ctx.world_size)
+    loader = eval_loader(
+        cfg.data,
+        split,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device if ctx.device.type == "cuda" else None,
+    )
     parts: dict[str, list[np.ndarray]] = {}
     keys: list[str] = []
 
@@ -311,15 +325,23 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
 
     data_cfg = plan.data_cfg or cfg.data
     global_batch = data_cfg.batch_size * ctx.world_size
-    first = train_loader(
-        data_cfg,
-        plan.split,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        epoch=0,
-        seed=cfg.run.seed,
-        sampler=plan.sampler,
-    )
+    # On GPU the stream delivers uint8 images to the device and normalises them there.
+    stream_device = device if device.type == "cuda" else None
+
+    def make_loader(epoch: int):
+        return train_loader(
+            data_cfg,
+            plan.split,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            epoch=epoch,
+            seed=cfg.run.seed,
+            sampler=plan.sampler,
+            num_classes=cfg.model.num_classes,
+            device=stream_device,
+        )
+
+    first = make_loader(0)
     steps = len(first)
     optimizer = build_optimizer(params, plan.optim, global_batch)
     scheduler = build_scheduler(optimizer, plan.optim, plan.epochs, steps)
@@ -337,23 +359,11 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
             start_epoch = int(state["epoch"]) + 1
             global_step = int(state.get("global_step", 0))
             if ctx.rank == 0:
-                print(f"[ageray] {spec.stage}: resumed at epoch {start_epoch}", flush=True)
+                say(f"[ageray] {spec.stage}: resumed at epoch {start_epoch}")
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, plan.epochs):
-        loader = (
-            first
-            if epoch == 0
-            else train_loader(
-                data_cfg,
-                plan.split,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                epoch=epoch,
-                seed=cfg.run.seed,
-                sampler=plan.sampler,
-            )
-        )
+        loader = first if epoch == 0 else make_loader(epoch)
         if len(loader) != steps:
             raise RuntimeError(
                 f"rank {ctx.rank}: {len(loader)} steps in epoch {epoch}, not {steps}"
@@ -394,11 +404,10 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             if ctx.rank == 0 and cfg.train.log_every and (step_i + 1) % cfg.train.log_every == 0:
                 rate = seen / max(1e-9, time.perf_counter() - t0)
-                print(
+                say(
                     f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} "
                     f"step {step_i + 1}/{steps} loss {sums['loss'] / seen:.3f} "
-                    f"{rate * ctx.world_size:.0f} img/s",
-                    flush=True,
+                    f"{rate * ctx.world_size:.0f} img/s"
                 )
         train_time = time.perf_counter() - t0
         metrics = {
@@ -442,10 +451,9 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
         logger.log_metrics(metrics, step=epoch)
         if ctx.rank == 0:
             shown = {k: metrics[k] for k in ("train_loss", "val_mae", "val_cmae") if k in metrics}
-            print(
+            say(
                 f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} done in {train_time:.1f}s "
-                + " ".join(f"{k} {v:.3f}" for k, v in shown.items()),
-                flush=True,
+                + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
             )
     return metrics
 
