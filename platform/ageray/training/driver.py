@@ -151,8 +151,13 @@ def run_stage_on_ray(
     init_backbone: str | None = None,
     mae_ref: float | None = None,
     fresh: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> StageResult:
-    """Train one stage with ``TorchTrainer``; return its best checkpoint as a local folder."""
+    """Train one stage with ``TorchTrainer``; return its best checkpoint as a local folder.
+
+    ``callbacks`` are Ray Train ``UserCallback``s for the run, e.g. Tune's
+    ``TuneReportCallback`` when a Tune trial drives this stage (each epoch's report then
+    reaches Tune's scheduler)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -198,6 +203,7 @@ def run_stage_on_ray(
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks or []),
             **storage_args(ray_storage(cfg)),
         ),
     )
