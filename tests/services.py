@@ -167,17 +167,31 @@ def mlflow_server(
 
 @contextlib.contextmanager
 def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``ray start --head`` on loopback; yields the dashboard address for ``ray job submit``."""
+    """``ray start --head --block`` on loopback; yields the dashboard address for
+    ``ray job submit``.
+
+    Token authentication is on, as Ray 2.60 enables it by default once a token exists: the
+    head gets a fresh ``RAY_AUTH_TOKEN`` with ``RAY_AUTH_MODE=token``, and the same two
+    variables are written into ``env`` (when given) so the caller's CLI calls authenticate.
+    Only this head's own process group is stopped at the end: ``ray stop`` would kill every
+    Ray on the machine, including the test session's in-process one.
+    """
+    import secrets
+
     ray = str(BIN / "ray")
     port = free_port()
     dash = free_port()
-    full_env = {**os.environ, **(env or {})}
-    subprocess.run([ray, "stop", "--force"], capture_output=True, env=full_env, check=False)
-    subprocess.run(
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
+    if env is not None:
+        env.update(auth)
+    full_env = {**os.environ, **(env or {}), **auth}
+    log = open(workdir / "ray-head.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
         [
             ray,
             "start",
             "--head",
+            "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
             f"--num-cpus={num_cpus}",
@@ -185,19 +199,43 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Fixed defaults (52365, 10001) collide when another Ray runs on the machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats",
         ],
-        check=True,
-        capture_output=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=full_env,
         cwd=workdir,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     try:
-        wait_http(address + "/api/version", timeout=90)
+        wait_http(address + "/api/version", timeout=120, proc=proc)
+        _wait_job_agent(ray, address, full_env, proc)
         yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=full_env, check=False)
+        _stop(proc)
+        log.close()
+
+
+def _wait_job_agent(ray: str, address: str, env: dict[str, str], proc, timeout: float = 120):
+    """The dashboard answers before its job agent registers ("No available agent to submit
+    job"); a trivial job that succeeds proves the head takes submissions."""
+    deadline = time.time() + timeout
+    while True:
+        done = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            return
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"Ray head at {address} takes no jobs:\n{done.stderr[-2000:]}")
+        time.sleep(2)
 
 
 def which(name: str) -> str | None:

@@ -1,0 +1,223 @@
+"""The whole platform on embedded defaults, in one command (``make demo``):
+
+  1. synthetic long-tailed faces -> train/val/test shards        (jobs.make_shards)
+  2. a local Ray sized for this machine
+  3. identity pretraining with AM-softmax                          (jobs.pretrain)
+  4. stage 1 (FR + PA), stage 2 (balanced head), evaluation,
+     registration in a local MLflow store                          (jobs.train)
+  5. Ray Serve with the registered model, real HTTP requests       (serve.app)
+  6. the Table IX-style table and where to look next; clean shutdown
+
+    python -m jobs.demo [--config recipes/demo.yaml] [--set key=value ...] [--keep-serving]
+
+Everything lands under ``runs/`` (shards, checkpoints, the MLflow store ``runs/mlflow.db``).
+A second run reuses finished stages; ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from jobs._common import Timer, base_parser, load, setup_logging
+
+STEPS = 6
+
+
+def banner(i: int, text: str) -> None:
+    print(f"\n{'=' * 78}\n[demo {i}/{STEPS}] {text}\n{'=' * 78}", flush=True)
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free TCP port on 127.0.0.1")
+
+
+def sample_images(shards: str, split: str, per_group: int = 2) -> list[tuple[str, float, bytes]]:
+    """A few encoded test images across the age groups (key, age, JPEG bytes)."""
+    from ageray.data.stream import read_manifest
+
+    manifest = read_manifest(shards)
+    groups = {(0, 17): [], (18, 65): [], (66, 200): []}
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(shards) / shard["name"]
+        with tarfile.open(path) as tf:
+            members = {m.name: m for m in tf.getmembers()}
+            for name, member in members.items():
+                if not name.endswith(".json"):
+                    continue
+                key = name[: -len(".json")]
+                labels = json.loads(tf.extractfile(member).read())
+                image = members.get(key + ".jpg") or members.get(key + ".png")
+                age = labels.get("age")
+                if image is None or age is None:
+                    continue
+                for (lo, hi), bucket in groups.items():
+                    if lo <= age <= hi and len(bucket) < per_group:
+                        bucket.append((Path(key).name, float(age), tf.extractfile(image).read()))
+        if all(len(b) >= per_group for b in groups.values()):
+            break
+    return [item for bucket in groups.values() for item in bucket]
+
+
+def post_image(url: str, data: bytes) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "image/jpeg"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def wait_ready(base: str, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:  # not up yet: connection refused or 503 while warming up
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"Serve did not report ready at {base}/readyz within {timeout:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser("python -m jobs.demo", __doc__)
+    p.add_argument("--num-samples", type=int, default=3000, help="synthetic images to generate")
+    p.add_argument("--skip-pretrain", action="store_true", help="start from random weights")
+    p.add_argument("--fresh", action="store_true", help="discard earlier demo outputs first")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve (127.0.0.1)")
+    p.add_argument("--keep-serving", action="store_true", help="leave Serve up until Ctrl-C")
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    args = p.parse_args(argv)
+    if not args.config:
+        args.config = str(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
+    setup_logging()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cfg = load(args)
+    timer = Timer()
+    common = ["--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
+
+    from ageray.training.driver import init_ray, local_run_dir
+    from jobs import make_shards, pretrain, train
+
+    run_dir = local_run_dir(cfg)
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(cfg.data.shards, ignore_errors=True)
+
+    banner(1, f"synthetic faces -> shards in {cfg.data.shards}")
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    if manifest.is_file():
+        print(f"reusing {manifest} (--fresh regenerates)")
+    else:
+        make_shards.main(
+            [
+                "--source", "synthetic",
+                "--num-samples", str(args.num_samples),
+                "--image-size", str(cfg.data.image_size),
+                "--output", cfg.data.shards,
+            ]
+        )  # fmt: skip
+
+    banner(2, "local Ray")
+    init_ray(cfg)
+    import ray
+
+    print(f"Ray {ray.__version__}: {ray.cluster_resources()}")
+
+    backbone = None
+    if not args.skip_pretrain:
+        banner(3, "identity pretraining with AM-softmax (LAE 2.3)")
+        pretrain.main(common)
+        backbone = run_dir / "pretrain" / "model" / "backbone.safetensors"
+    else:
+        banner(3, "identity pretraining skipped (--skip-pretrain)")
+
+    banner(4, "stage 1 (FR + PA), stage 2 (balanced head), evaluation, registration")
+    extra = ["--set", f"train.init_from={backbone}"] if backbone else []
+    rc = train.main(common + extra)
+    if rc:
+        return rc
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+
+    banner(5, "Ray Serve: the registered model behind HTTP")
+    from ray import serve
+
+    from ageray.tracking import resolve_tracking_uri
+    from serve.app import build_app
+
+    model_uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    port = _free_port(args.port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    env = {"MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg), "OMP_NUM_THREADS": "1"}
+    serve.run(
+        build_app(
+            model_uri,
+            settings={"device": "cpu"},
+            ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}},
+        ),
+        name="ageray",
+        route_prefix="/",
+        blocking=False,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base)
+    with urllib.request.urlopen(base + "/v1/model", timeout=30) as resp:
+        info = json.loads(resp.read())
+    print(f"serving {model_uri} (version {info.get('version')}) at {base}  (OpenAPI: {base}/docs)")
+    print(f"\n{'image':<28} {'true':>5} {'answer':>7}  head      vanilla  balanced")
+    for key, age, data in sample_images(cfg.data.shards, cfg.eval.split):
+        out = post_image(base + "/v1/predict", data)
+        heads = out["heads"]
+        bal = heads.get("balanced", {}).get("age")
+        print(
+            f"{key[:28]:<28} {age:5.0f} {out['age']:7.1f}  {out['head']:<9} "
+            f"{heads['vanilla']['age']:7.1f}  {bal if bal is None else round(bal, 1)!s:>8}"
+        )
+
+    banner(6, "results")
+    from ageray.report import markdown_table
+
+    print(markdown_table(report))
+    tracking_uri = resolve_tracking_uri(cfg)
+    print(f"demo finished in {timer}. Where to look next:")
+    print(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+    print(f"  plots:       {run_dir / 'eval'}/{{per_age_mae,routing_usage,ccs}}.png")
+    print(f"  report:      {run_dir / 'eval' / 'report.md'}")
+    print(
+        f"  serve again: MLFLOW_TRACKING_URI={tracking_uri} serve run serve.app:app "
+        f"model_uri={model_uri}"
+    )
+    if args.keep_serving:
+        print(f"\nServing at {base} until Ctrl-C ...")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    serve.shutdown()
+    ray.shutdown()
+    print("shut down Serve and Ray.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
