@@ -36,7 +36,8 @@ def eval_config(
         shards=shards,
         test_split=split,
         image_size=int(data.get("image_size", cfg.data.image_size)),
-        normalize=data.get("normalize", cfg.data.normalize),
+        # model.json written without a config records normalize: null -> the default
+        normalize=data.get("normalize") or cfg.data.normalize,
         eval_batch_size=batch_size,
     )
     return cfg
