@@ -67,7 +67,7 @@ def test_bad_values_name_the_key() -> None:
 
 
 def test_cross_field_validation() -> None:
-    with pytest.raises(ConfigError, match="loss.name=sum .* needs model.head=glae"):
+    with pytest.raises(ConfigError, match=r"loss\.name=sum .* needs model\.head=glae"):
         load_config(None, ["model.head=linear", "loss.name=sum"])
     with pytest.raises(ConfigError, match="formulation=mae predicts one number"):
         load_config(None, ["model.head=linear", "model.formulation=mae", "loss.name=base"])
@@ -86,7 +86,7 @@ def test_cross_field_validation() -> None:
 def test_missing_file_and_bad_override_syntax(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_overrides({}, ["no_equals_sign"])
 
 

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+
 from ageray import losses as L
 from ageray.config import LossConfig, ModelConfig
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ageray import metrics as M
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from ageray.config import Config, ModelConfig
 from ageray.model import AgeModel, adaptive_route, build_model, expected_age
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from ageray.model import create_backbone, find_weights_file
 from safetensors.torch import save_file
+
+from ageray.model import create_backbone, find_weights_file
 
 EFFNET = "tf_efficientnetv2_b0"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ageray.model import FeatureRearrangement, fr_output_size, fr_padding, table_iii_pairs
 from torch import nn
+
+from ageray.model import FeatureRearrangement, fr_output_size, fr_padding, table_iii_pairs
 
 # H' for a 7x7 map rearranged by r = 16 (112x112), per Table III pair (kernel, stride).
 PAPER_OUT_7X7 = {(16, 8): 13, (16, 16): 7, (32, 8): 11, (32, 16): 6}

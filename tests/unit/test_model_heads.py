@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from ageray.model import (
     Formulation,
     GLAEHead,
@@ -14,7 +16,6 @@ from ageray.model import (
     Projection,
     expected_age,
 )
-from torch import nn
 
 LDL = Formulation("ldl", 101)
 PAPER_OUT_7X7 = {(16, 8): 13, (16, 16): 7, (32, 8): 11, (32, 16): 6}

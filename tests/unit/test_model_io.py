@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from ageray.config import Config, ModelConfig
 from ageray.model import build_model, load_model, read_model_info, save_model
-from safetensors.torch import save_file
 
 SIZE = 64
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
+
 from ageray.model import count_parameters
 from ageray.model.params import glae_parameter_table, main
-from torch import nn
 
 
 def test_count_parameters_dedupes_and_skips_training_only() -> None:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ageray.model import adaptive_route, kl_rows
 
 
