@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_metrics(rid, {f"best_{k}": v for k, v in result.metrics.items()})
         tracker.log_artifact(rid, result.model_dir / "model.json", "pretrain")
     tracker.end(parent)  # jobs.train with the same run.name reopens this parent run
-    backbone = result.model_dir / "backbone.safetensors"
+    # The storage copy (s3:// on a cluster) is what a later jobs.train on any node can read.
+    backbone = f"{result.checkpoint.rstrip('/')}/backbone.safetensors"
     print(f"\n[ageray] pretraining of {cfg.model.backbone} finished in {timer}")
     print(
         f"  identities: {int(manifest.get('num_identities') or 0)}, "

@@ -44,15 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     from ageray.training.driver import local_run_dir, run_stage_on_ray
 
     tracker = Tracker(cfg, enabled=not args.no_tracking)  # fails fast if the server is down
-    parent = tracker.start_pipeline("train")
+    # --fresh retrains from scratch, so it also starts new MLflow runs: resuming the old ones
+    # would mix two trainings' histories (and epochs already logged there are not re-logged).
+    resume = not args.fresh
+    parent = tracker.start_pipeline("train", resume=resume)
     manifest = read_manifest(cfg.data.shards)  # fails fast if the shards are missing
     tracker.log_manifest(parent, manifest, "shards")
     print(f"[ageray] run {cfg.run.name!r}: MLflow {tracker.run_url(parent)}", flush=True)
 
     model_dir = None
+    stage1_uri = None
     mae_ref = None
     if args.stage in ("1", "all"):
-        with tracker.stage("stage1") as rid:
+        with tracker.stage("stage1", resume=resume) as rid:
             r1 = run_stage_on_ray(
                 cfg,
                 "stage1",
@@ -61,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                 init_backbone=cfg.train.init_from,
                 fresh=args.fresh,
             )
-            tracker.log_metrics(rid, {f"best_{k}": v for k, v in r1.metrics.items()})
-            tracker.log_artifact(rid, r1.model_dir / "model.json", "model")
+            if not r1.reused:  # a finished stage logged these when it finished
+                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r1.metrics.items()})
+                tracker.log_artifact(rid, r1.model_dir / "model.json", "model")
         model_dir, mae_ref = r1.model_dir, r1.metrics.get("val_mae")
-        print(f"[ageray] stage 1 best: val MAE {mae_ref:.3f} -> {model_dir}", flush=True)
+        stage1_uri = r1.checkpoint  # in the run's storage: what stage 2's workers read
+        print(f"[ageray] stage 1 best: {json.dumps(_pick(r1.metrics))} -> {model_dir}", flush=True)
 
     if args.stage in ("2", "all") and cfg.train.stage2.enabled:
         if model_dir is None:
@@ -72,27 +78,29 @@ def main(argv: list[str] | None = None) -> int:
                 print("--stage 2 needs --from <stage-1 model>", file=sys.stderr)
                 return 2
             model_dir = resolve_model_dir(args.from_model)
+            stage1_uri = str(model_dir)
             info = json.loads((model_dir / "model.json").read_text())
             mae_ref = (info.get("meta") or {}).get("val_mae")
-        with tracker.stage("stage2") as rid:
+        with tracker.stage("stage2", resume=resume) as rid:
             tracker.log_params(rid, {"stage2.mae_ref": mae_ref, "stage2.init_model": model_dir})
             r2 = run_stage_on_ray(
                 cfg,
                 "stage2",
                 tracking_uri=tracker.uri,
                 mlflow_run_id=rid,
-                init_model=str(model_dir),
+                init_model=stage1_uri,
                 mae_ref=mae_ref,
                 fresh=args.fresh,
             )
-            tracker.log_metrics(rid, {f"best_{k}": v for k, v in r2.metrics.items()})
+            if not r2.reused:
+                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r2.metrics.items()})
         model_dir = r2.model_dir
         print(f"[ageray] stage 2 best: {json.dumps(_pick(r2.metrics))} -> {model_dir}", flush=True)
 
     report = None
     if not args.no_eval and model_dir is not None:
         out = local_run_dir(cfg) / "eval"
-        with tracker.stage("evaluate") as rid:
+        with tracker.stage("evaluate", resume=resume) as rid:
             report = evaluate_to_dir(
                 model_dir,
                 cfg.data.shards,

@@ -170,6 +170,7 @@ class RunLogger:
         self.enabled = bool(enabled and uri and run_id)
         self._client = None
         self._warned = False
+        self._logged_epochs: set[int] | None = None
 
     def _c(self):
         if self._client is None:
@@ -194,6 +195,38 @@ class RunLogger:
             if not self._warned:
                 log.warning("MLflow metric logging to %s failed: %s", self.uri, exc)
                 self._warned = True
+
+    def logged_steps(self, key: str = "epoch") -> set[int]:
+        """Steps at which ``key`` is already in the run's metric history (empty if unknown)."""
+        if not self.enabled:
+            return set()
+        try:
+            return {int(m.step) for m in self._c().get_metric_history(self.run_id, key)}
+        except Exception as exc:  # an unreadable history must not kill training either
+            log.warning("MLflow history of %s in run %s unreadable: %s", key, self.run_id, exc)
+            return set()
+
+    def log_epoch(self, metrics: Mapping[str, float], epoch: int) -> bool:
+        """Log one epoch's metrics at ``step=epoch`` unless that epoch is already logged.
+
+        Why: Ray Train restarts a failed worker group from the last checkpoint the controller
+        *registered*, and a report can reach storage without being registered (a worker dies
+        between ``ray.train.report`` returning and the controller's next poll), so the same
+        epoch may be trained and reported twice. MLflow appends metric history and cannot
+        overwrite a step, so the first record of an epoch wins and the history holds every
+        epoch exactly once. The run's ``epoch`` history is read once, on the first call.
+        Returns whether anything was logged.
+        """
+        if not self.enabled:
+            return False
+        if self._logged_epochs is None:
+            self._logged_epochs = self.logged_steps("epoch")
+        if int(epoch) in self._logged_epochs:
+            log.info("epoch %d is already in MLflow run %s; not logged again", epoch, self.run_id)
+            return False
+        self.log_metrics({**metrics, "epoch": float(epoch)}, step=int(epoch))
+        self._logged_epochs.add(int(epoch))
+        return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -269,13 +302,18 @@ class Tracker:
         return run_id
 
     def start_stage(self, stage: str, resume: bool = True) -> str | None:
-        """A child run for one stage (``pretrain``, ``stage1``, ``stage2``, ``evaluate``)."""
+        """A child run for one stage (``pretrain``, ``stage1``, ``stage2``, ``evaluate``).
+
+        Resuming looks among the children of *this* parent run only, so a pipeline started
+        afresh (``start_pipeline(resume=False)``) never picks up a stage run of an older one.
+        """
         if not self.enabled:
             return None
         if self.parent_id is None:
             self.start_pipeline()
         tags = {TAG_PIPELINE: self.cfg.run.name, TAG_STAGE: stage}
-        run_id = self._find(tags) if resume else None
+        scope = {**tags, "mlflow.parentRunId": str(self.parent_id)}
+        run_id = self._find(scope) if resume else None
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
@@ -293,9 +331,9 @@ class Tracker:
             self.client.set_terminated(run_id, status=status)
 
     @contextlib.contextmanager
-    def stage(self, stage: str) -> Iterator[str | None]:
+    def stage(self, stage: str, resume: bool = True) -> Iterator[str | None]:
         """``with tracker.stage("stage1") as run_id:`` ends the run FAILED on error."""
-        run_id = self.start_stage(stage)
+        run_id = self.start_stage(stage, resume=resume)
         try:
             yield run_id
         except BaseException:

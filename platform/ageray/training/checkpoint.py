@@ -96,3 +96,36 @@ def restore(
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
     return load_state(folder)
+
+
+def materialize(uri: str | Path, dst: str | Path | None = None) -> Path:
+    """A local path for a checkpoint folder or file that may live in storage (``s3://``).
+
+    Why: on a cluster, the stage-1 model that stage 2 starts from, and the pretrained
+    backbone that stage 1 starts from, are in the run's storage (S3), not on the node that
+    runs a given worker. Local paths are returned as they are.
+    """
+    from ageray.data import storage
+
+    text = str(uri)
+    if not storage.is_s3(text):
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"{text} does not exist (a checkpoint folder or weights file)")
+        return path
+    import tempfile
+
+    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="ageray-fetch-"))
+    # pyarrow (Ray Train's S3 writer) leaves empty "folder/" marker objects: not files.
+    files = [u for u in storage.list_files(text) if not u.endswith("/")]
+    if not files:  # a single object, e.g. .../backbone.safetensors
+        out = target / storage.basename(text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(storage.read_bytes(text))
+        return out
+    prefix = text.rstrip("/") + "/"
+    for url in files:
+        out = target / url[len(prefix) :]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(storage.read_bytes(url))
+    return target

@@ -17,7 +17,13 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["LocalContext", "RayTrainContext", "WorkerContext", "all_gather_objects"]
+__all__ = [
+    "LocalContext",
+    "RayTrainContext",
+    "WorkerContext",
+    "all_gather_objects",
+    "broadcast_buffers",
+]
 
 
 class WorkerContext(Protocol):
@@ -122,6 +128,24 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics); a no-op
+    without a process group.
+
+    Why: DDP syncs buffers at the *start* of each forward, so after an epoch's last step each
+    rank holds statistics updated by its own last batch. Validation runs on every rank (each
+    on its share of the samples) while the checkpoint is rank 0's model: without this the
+    reported validation metrics, the best-checkpoint choice and the MAE that LAE's stage 2
+    reads would belong to a mixture of models, not to the one saved.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        torch.distributed.broadcast(buf.data, src=src)
 
 
 def fault_marker(storage_path: str, name: str, stage: str) -> Path:

@@ -12,7 +12,6 @@ checkpoints (``checkpoint_*``), the best one copied to ``model/`` and ``result.j
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ageray.config import Config, to_dict
+from ageray.training.checkpoint import materialize
 from ageray.training.loop import StageSpec, train_worker
 
 __all__ = ["StageResult", "init_ray", "local_run_dir", "run_stage_on_ray", "storage_args"]
@@ -161,12 +161,18 @@ def run_stage_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from ageray.data import storage
+
     out_dir = local_run_dir(cfg) / stage
-    result_file = out_dir / "result.json"
+    result_url = storage.join(ray_storage(cfg), stage, "result.json")
     if fresh:
         shutil.rmtree(out_dir, ignore_errors=True)  # local storage: Ray's state is in there too
-    elif result_file.is_file():
-        done = json.loads(result_file.read_text())
+        for url in storage.list_files(storage.join(ray_storage(cfg), stage)):
+            storage.remove(url)
+    elif storage.exists(result_url):
+        done = storage.read_json(result_url)
+        if not Path(done["model_dir"]).is_dir():  # another node/job: fetch the model
+            done["model_dir"] = str(materialize(done["checkpoint"], out_dir / "model"))
         print(
             f"[ageray] {stage}: already finished for run {cfg.run.name!r}; "
             f"reusing {done['model_dir']} (--fresh retrains)"
@@ -220,9 +226,10 @@ def run_stage_on_ray(
     ckpt.to_directory(str(model_dir))
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     metrics["fit_time_s"] = time.time() - t0
-    out = StageResult(stage=stage, model_dir=model_dir, metrics=metrics, checkpoint=ckpt.path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(out.to_dict(), indent=2, default=float))
+    # The checkpoint's URI in storage is what other nodes and later jobs start from.
+    uri = f"s3://{ckpt.path}" if cfg.run.storage_path.startswith("s3://") else ckpt.path
+    out = StageResult(stage=stage, model_dir=model_dir, metrics=metrics, checkpoint=uri)
+    storage.write_json(result_url, out.to_dict())
     return out
 
 

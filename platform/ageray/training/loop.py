@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from ageray.config import Config, config_from_dict, to_dict
-from ageray.training.checkpoint import restore, save_checkpoint, unwrap
+from ageray.training.checkpoint import load_state, materialize, restore, save_checkpoint, unwrap
 from ageray.training.context import (
     LocalContext,
     RayTrainContext,
     WorkerContext,
     all_gather_objects,
+    broadcast_buffers,
     maybe_inject_fault,
 )
 from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
@@ -86,6 +87,20 @@ def say(message: str) -> None:
     ``print`` into its logger, which echoes each line twice on the driver's console."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def alignment_meta(shards: str) -> dict[str, Any]:
+    """How the training shards' faces were aligned, for model.json: Serve must crop request
+    images exactly like the shard writer did (same FaceAligner settings)."""
+    from ageray.data.stream import read_manifest
+
+    options = read_manifest(shards).get("options") or {}
+    if not options.get("align"):
+        return {"align": False}
+    aligner: dict[str, Any] = {"output_size": int(options.get("image_size") or 112)}
+    if options.get("detector"):
+        aligner["detector"] = options["detector"]
+    return {"align": True, "align_options": aligner}
 
 
 def seed_everything(seed: int) -> None:
@@ -241,9 +256,13 @@ def plan_stage1(cfg: Config, spec: StageSpec) -> StagePlan:
 
     model = build_model(cfg)  # the GLAE projection needs cfg.data.image_size
     meta: dict[str, Any] = {}
-    if spec.init_backbone:
-        model.load_backbone(spec.init_backbone)
-        meta["init_backbone"] = spec.init_backbone
+    # train.init_from is honoured whoever drives the stage (jobs.train, a Tune trial, tests);
+    # an explicit StageSpec.init_backbone wins.
+    init_backbone = spec.init_backbone or cfg.train.init_from
+    if init_backbone:
+        # materialize: on a cluster the backbone is in the run's storage (s3://), not here
+        model.load_backbone(str(materialize(init_backbone)))
+        meta["init_backbone"] = init_backbone
     return StagePlan(
         model=model,
         params=[p for p in model.parameters() if p.requires_grad],
@@ -262,7 +281,7 @@ def plan_stage2(cfg: Config, spec: StageSpec) -> StagePlan:
 
     if not spec.init_model:
         raise ValueError("stage 2 needs the stage-1 model (StageSpec.init_model)")
-    model, _info = load_model(spec.init_model)
+    model, _info = load_model(materialize(spec.init_model))
     s2 = cfg.train.stage2
     if "balanced" not in model.heads:
         model.add_balanced_head(trainable=s2.trainable)
@@ -342,6 +361,7 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
         )
 
     first = make_loader(0)
+    align_meta = alignment_meta(data_cfg.shards)
     steps = len(first)
     optimizer = build_optimizer(params, plan.optim, global_batch)
     scheduler = build_scheduler(optimizer, plan.optim, plan.epochs, steps)
@@ -350,12 +370,15 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
     start_epoch, global_step = 0, 0
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
-            state = restore(ckpt_dir, model, optimizer, scheduler)
-            if state.get("stage") != spec.stage:
+            # Check the stage before loading: another stage's weights would fail the strict
+            # load with a key mismatch that does not say what is wrong.
+            saved_stage = load_state(ckpt_dir).get("stage")
+            if saved_stage != spec.stage:
                 raise ValueError(
-                    f"checkpoint {ckpt_dir} is from stage {state.get('stage')!r}, not "
+                    f"checkpoint {ckpt_dir} is from stage {saved_stage!r}, not "
                     f"{spec.stage!r}: use another run.name for a new run"
                 )
+            state = restore(ckpt_dir, model, optimizer, scheduler)
             start_epoch = int(state["epoch"]) + 1
             global_step = int(state.get("global_step", 0))
             if ctx.rank == 0:
@@ -371,7 +394,7 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for step_i, batch in enumerate(loader):
             maybe_inject_fault(
                 storage_path=cfg.run.storage_path,
@@ -410,12 +433,19 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
                     f"{rate * ctx.world_size:.0f} img/s"
                 )
         train_time = time.perf_counter() - t0
+        train_cpu = time.process_time() - cpu0
+        # validate (on every rank) exactly the model that rank 0 saves
+        broadcast_buffers(unwrap(model))
         metrics = {
             f"train_{k}" if not k.startswith("train_") else k: v / max(1, seen)
             for k, v in sums.items()
         }
         metrics["train_images_per_s"] = seen * ctx.world_size / max(1e-9, train_time)
         metrics["epoch_time_s"] = train_time
+        # CPU seconds of this process (all its threads) over the epoch's steps, and its torch
+        # threads: on a shared machine wall time depends on the neighbours, these do not.
+        metrics["epoch_cpu_s"] = train_cpu
+        metrics["torch_threads"] = float(torch.get_num_threads())
         metrics["lr"] = float(optimizer.param_groups[0]["lr"])
         skipped = _sum_counts(all_gather_objects(dict(getattr(loader, "skipped", {}) or {})))
         metrics["train_skipped"] = float(sum(skipped.values()))
@@ -445,10 +475,10 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
                     state=state,
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    meta={"val_mae": metrics.get("val_mae")},
+                    meta={"val_mae": metrics.get("val_mae"), **align_meta},
                 )
             ctx.report(metrics, ckpt)
-        logger.log_metrics(metrics, step=epoch)
+        logger.log_epoch(metrics, epoch)  # idempotent: a re-run epoch is not logged twice
         if ctx.rank == 0:
             shown = {k: metrics[k] for k in ("train_loss", "val_mae", "val_cmae") if k in metrics}
             say(
