@@ -152,7 +152,7 @@ def test_operations_path_end_to_end(cluster, s3) -> None:
     # MLflow: parent + stage runs, metrics per epoch, artifacts on S3, registry alias
     import mlflow
 
-    client = mlflow.MlflowClient(cluster["mlflow"].uri)
+    client = mlflow.MlflowClient(cluster["mlflow"].uri, registry_uri=cluster["mlflow"].uri)
     exp = client.get_experiment_by_name("ageray-e2e")
     runs = client.search_runs([exp.experiment_id], f"tags.`ageray.pipeline` = '{RUN}'")
     stages = {r.data.tags.get("ageray.stage") for r in runs}
@@ -168,15 +168,13 @@ def test_operations_path_end_to_end(cluster, s3) -> None:
     assert any(k.endswith("report.json") for k in art)
     assert any(k.endswith("model.safetensors") for k in art)
 
-    # 5. a small Tune search through ray job submit (Table IV's space, 2 trials x 1 epoch)
+    # 5. a small Tune search through ray job submit (Table IV's space: 3 trials x 1 epoch)
     out = submit(
         cluster,
         "tuning.search",
         *recipe,
         "--space",
         "tuning/spaces/proj_depth.yaml",
-        "--set",
-        "model.proj_depth=0",
         "--name",
         "e2e-search",
         "--epochs",
