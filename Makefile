@@ -41,8 +41,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The benchmarks behind benchmarks/RESULTS.md, one after another (they measure ratios side by
+# side, so run them on an otherwise idle machine). About 20 minutes on 2 cores.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.synthetic_learnability
+	$(BIN)/python -m benchmarks.data_pipeline --images 3000 --repeats 5
+	$(BIN)/python -m benchmarks.train_overhead --images 1024 --repeats 3
+	$(BIN)/python -m benchmarks.serve_load --seconds 12 --repeats 3
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
