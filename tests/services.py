@@ -174,13 +174,16 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
     head gets a fresh ``RAY_AUTH_TOKEN`` with ``RAY_AUTH_MODE=token``, and the same two
     variables are written into ``env`` (when given) so the caller's CLI calls authenticate.
     Only this head's own process group is stopped at the end: ``ray stop`` would kill every
-    Ray on the machine, including the test session's in-process one.
+    Ray on the machine, including the test session's in-process one. Its ``--temp-dir`` is
+    private, so a bare ``ray.init()`` elsewhere on the machine never joins it by accident.
     """
     import secrets
+    import tempfile
 
     ray = str(BIN / "ray")
     port = free_port()
     dash = free_port()
+    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: unix socket paths <= 107
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
     if env is not None:
         env.update(auth)
@@ -199,9 +202,10 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
-            # Fixed defaults (52365, 10001) collide when another Ray runs on the machine.
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp}",
+            # Fixed defaults (agent 52365, client server 10001, ...) collide when another Ray
+            # runs on the machine: the job agent would then never serve.
+            *(f"--{opt}={free_port()}" for opt in _RAY_PORT_OPTIONS),
             "--disable-usage-stats",
         ],
         stdout=log,
@@ -218,6 +222,18 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
     finally:
         _stop(proc)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+_RAY_PORT_OPTIONS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+)
 
 
 def _wait_job_agent(ray: str, address: str, env: dict[str, str], proc, timeout: float = 120):

@@ -2,11 +2,8 @@
 exactly as the runtime_env in platform/cluster documents it: the checkout uploaded as the
 working_dir, ``python -m jobs.train --config recipes/demo.yaml --set ...`` as the entrypoint.
 
-The head is this module's own: started in a new session with a private ``--temp-dir`` and
-stopped by signalling the processes of that session only. ``ray stop --force`` is never
-used: it kills every Ray process of the user on the machine (other people's clusters and
-this test session's in-process ``ray_local`` included), and a head at the default temp dir
-would be joined by anybody's bare ``ray.init()`` while it is up.
+The head is ``services.ray_head``: its own process group and a private ``--temp-dir``,
+stopped without ``ray stop`` (which would kill every Ray process of the user on the machine).
 """
 
 from __future__ import annotations
@@ -15,121 +12,36 @@ import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
 import sqlite3
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from services import BIN, free_port, wait_http
+from services import BIN, ray_head
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-PORT_OPTIONS = (
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "runtime-env-agent-port",
-    "metrics-export-port",
-    "ray-client-server-port",
-    "node-manager-port",
-    "object-manager-port",
-)
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes whose session id is ``sid``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(d.name))
-    return pids
-
-
-def stop_session(sid: int, grace: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL, every process of session ``sid`` (ours: started with setsid)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_pids(sid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.25)
-        if not session_pids(sid):
-            return
-
-
-@contextlib.contextmanager
-def private_ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
-    """``ray start --head`` on 127.0.0.1 in its own session and temp dir; yields the dashboard
-    address for ``ray job submit``; on exit stops exactly the processes it started."""
-    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: unix socket paths <= 107
-    port, dash = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            f"--num-cpus={num_cpus}",
-            "--object-store-memory=200000000",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--temp-dir={temp}",
-            # Ray's fixed default ports (agent 52365, client server 10001, ...) are taken
-            # when another cluster runs on the machine: the job agent would then never serve.
-            *(f"--{opt}={free_port()}" for opt in PORT_OPTIONS),
-            "--disable-usage-stats",
-        ],
-        env=env,
-        cwd=temp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        out, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
-        wait_http(address + "/api/version", timeout=120)
-        yield address
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stop_session(proc.pid)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    work = tmp_path_factory.mktemp("job-submit")
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this venv's
         "OMP_NUM_THREADS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
-        # Token authentication, as Ray turns on by default, with this cluster's own token:
-        # neither ~/.ray/auth_token nor the caller's environment decides whether it works.
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
-    with private_ray_head(env) as address:
-        yield {"address": address, "env": env, "work": tmp_path_factory.mktemp("job-submit")}
+    # ray_head turns on token auth with this cluster's own token and writes it into env
+    with ray_head(work, env=env) as address:
+        yield {"address": address, "env": env, "work": work}
 
 
 def make_shards(out: Path) -> None:
