@@ -17,7 +17,14 @@ Two numbers per run, side by side:
   checkpoint's registration. Ray's own start-up (``ray.init``) is measured once and shown
   apart, since a cluster is started once and serves many runs.
 
-Like with like: Ray gives a worker ``OMP_NUM_THREADS = cpus_per_worker`` (1 by default),
+Like with like, part one: every Ray run trains in a new worker process, so each direct run
+does too (``--direct fresh``, a spawned process; ``--direct inprocess`` reruns in this process
+instead). A second run in a warm process is ~35% faster here (oneDNN and allocator caches,
+the DataLoader's forkserver already up: ~2.6 s to the first batch cold, 0.08 s warm), which
+no Ray run can get, so comparing against it measures process warm-up, not Ray. The first
+batch's wait is shown apart.
+
+Like with like, part two: Ray gives a worker ``OMP_NUM_THREADS = cpus_per_worker`` (1 by default),
 while a bare process uses every core. The direct loop here runs with
 ``torch.set_num_threads(ray.cpus_per_worker)``; the worker's thread count is read back
 from its metrics (``torch_threads``) and printed, so a mismatch is visible. Runs are
@@ -63,6 +70,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="0",
         help="nice value of Ray's worker processes (RAY_worker_niceness); 'ray' keeps Ray's "
         "default of 15, which a plain python process does not get",
+    )
+    p.add_argument(
+        "--direct",
+        choices=["fresh", "inprocess"],
+        default="fresh",
+        help="fresh (default): each direct run in a new process, as each Ray run gets a new "
+        "worker process; inprocess: all direct runs in this process (warm caches, warm "
+        "DataLoader forkserver: a lower bound no Ray run can see)",
     )
     p.add_argument("--json", help="also write the raw numbers to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary shards and runs")
@@ -132,6 +147,19 @@ def run_local_once(cfg: Any, workdir: Path) -> dict[str, float]:
     return {**metrics, "wall_s": time.perf_counter() - t0}
 
 
+def run_local_fresh(cfg: Any, workdir: Path) -> dict[str, float]:
+    """``run_local_once`` in a new spawned process: what a Ray worker starts from (no warm
+    allocator or oneDNN caches, the DataLoader's forkserver started cold)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out = pool.submit(run_local_once, cfg, workdir).result()
+    out["wall_s"] = time.perf_counter() - t0  # process start-up included, as for Ray
+    return out
+
+
 def run_ray_once(cfg: Any) -> dict[str, float]:
     from ageray.training.driver import run_stage_on_ray
 
@@ -182,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             order = ("local", "ray") if r % 2 == 0 else ("ray", "local")
             for mode in order:
                 cfg = config(shards, tmp / "runs", f"{mode}{r}", args)
-                if mode == "local":
+                if mode == "local" and args.direct == "fresh":
+                    m = run_local_fresh(cfg, tmp / "local" / str(r))
+                elif mode == "local":
                     m = run_local_once(cfg, tmp / "local" / str(r))
                 else:
                     m = run_ray_once(cfg)
@@ -218,8 +248,12 @@ def report(
     rows = []
     for m in runs["local"] + runs["ray"]:
         m["setup_teardown_s"] = m["wall_s"] - m["epoch_time_s"] - m.get("val_time_s", 0.0)
+        m.setdefault("first_batch_s", 0.0)
+        m["steady_epoch_s"] = m["epoch_time_s"] - m["first_batch_s"]
     for key, label, higher_better in (
-        ("epoch_time_s", "epoch training time (s)", False),
+        ("steady_epoch_s", "epoch after its first batch (s)", False),
+        ("epoch_time_s", "epoch training time incl. loader start-up (s)", False),
+        ("first_batch_s", "of which waiting for the first batch (s)", False),
         ("train_images_per_s", "training images/s", True),
         ("epoch_cpu_s", "epoch CPU time of the training process (s)", False),
         ("wall_s", "wall time per run, Ray already up (s)", False),
@@ -247,7 +281,8 @@ def report(
     )
     lines = [
         f"data: {what}, {counts}; {args.image_size} px, batch {args.batch_size}, "
-        f"DataLoader workers {args.loader_workers}, torch threads {args.threads} (local) / "
+        f"DataLoader workers {args.loader_workers}, direct runs: {args.direct}, "
+        f"torch threads {args.threads} (local) / "
         f"{sorted(set(col('ray', 'torch_threads')))} (Ray worker); Ray worker niceness "
         f"{os.environ.get(NICENESS_ENV, '15 (Ray default)')}; {args.repeats} repeats; "
         f"ray.init {ray_init_s:.1f}s",
@@ -260,12 +295,18 @@ def report(
         lines.append(
             f"| {label} | {lm:.2f} | {lb:.2f} | {rm:.2f} | {rb:.2f} | {qm:.3f} | {qb:.3f} |"
         )
-    epoch_ratio = rows[0][5]
+    steady_ratio, epoch_ratio = rows[0][5], rows[1][5]
     verdict = "MET" if epoch_ratio <= 1.10 else "MISSED"
     lines += [
         "",
-        f"target (Ray epoch at most 10% slower, median): {verdict} "
-        f"({(epoch_ratio - 1) * 100:+.1f}%)",
+        f"target (one epoch through Ray at most 10% slower than direct, median): {verdict} "
+        f"({(epoch_ratio - 1) * 100:+.1f}%; after the first batch {(steady_ratio - 1) * 100:+.1f}%)"
+        + (
+            ""
+            if args.direct == "fresh"
+            else "; direct runs in-process reuse warm caches and a warm DataLoader "
+            "forkserver, which a new Ray worker never has"
+        ),
     ]
     return {
         "data": what,
