@@ -173,6 +173,8 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
     Token authentication is on, as Ray 2.60 enables it by default once a token exists: the
     head gets a fresh ``RAY_AUTH_TOKEN`` with ``RAY_AUTH_MODE=token``, and the same two
     variables are written into ``env`` (when given) so the caller's CLI calls authenticate.
+    ``PATH`` starts with this venv's ``bin`` for the head, its jobs and (through ``env``) the
+    caller's CLI calls.
     Only this head's own process group is stopped at the end: ``ray stop`` would kill every
     Ray on the machine, including the test session's in-process one. Its ``--temp-dir`` is
     private, so a bare ``ray.init()`` elsewhere on the machine never joins it by accident.
@@ -188,6 +190,11 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
     if env is not None:
         env.update(auth)
     full_env = {**os.environ, **(env or {}), **auth}
+    # A job's `python` is this venv's, as on a cluster node whose image has ageray installed;
+    # without it a caller whose PATH lacks the venv (CI) would run jobs on the system python.
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    if env is not None:
+        env["PATH"] = full_env["PATH"]
     log = open(workdir / "ray-head.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [

@@ -33,13 +33,13 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("job-submit")
     env = {
         **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this venv's
         "OMP_NUM_THREADS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
-    # ray_head turns on token auth with this cluster's own token and writes it into env
+    # ray_head turns on token auth with this cluster's own token and puts the venv first on
+    # PATH (a job's `python`), both written into env
     with ray_head(work, env=env) as address:
         yield {"address": address, "env": env, "work": work}
 
