@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer()
 
     from ageray.data.stream import read_manifest
-    from ageray.evaluation import evaluate_to_dir, format_table
+    from ageray.evaluation import evaluate_for_config, format_table
     from ageray.tracking import Tracker, log_model, resolve_model_dir
     from ageray.training.driver import local_run_dir, run_stage_on_ray
 
@@ -101,15 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_eval and model_dir is not None:
         out = local_run_dir(cfg) / "eval"
         with tracker.stage("evaluate", resume=resume) as rid:
-            report = evaluate_to_dir(
-                model_dir,
-                cfg.data.shards,
-                cfg.eval.split,
-                out,
-                flip=cfg.eval.flip_tta,
-                aar_groups=cfg.eval.aar_groups,
-                ccs_max=cfg.eval.ccs_max,
-            )
+            report = evaluate_for_config(model_dir, cfg, out)
             tracker.log_artifact(rid, out, "evaluation")
             tracker.log_metrics(rid, report["flat_metrics"])
         tracker.log_artifact(parent, out, "evaluation")

@@ -19,7 +19,14 @@ import numpy as np
 from ageray import metrics as M
 from ageray.config import Config
 
-__all__ = ["ROW_ORDER", "build_report", "evaluate_model", "evaluate_to_dir", "format_table"]
+__all__ = [
+    "ROW_ORDER",
+    "build_report",
+    "evaluate_for_config",
+    "evaluate_model",
+    "evaluate_to_dir",
+    "format_table",
+]
 
 ROW_ORDER = ("l_base", "vanilla", "balanced", "routed_bigger", "routed")
 TABLE_IX_GROUPS = M.TABLE_IX_GROUPS
@@ -194,6 +201,20 @@ def evaluate_to_dir(
     (out / "report.md").write_text(markdown_table(report))
     report["plots"] = [str(p) for p in write_plots(report, out)]
     return report
+
+
+def evaluate_for_config(model_ref: str | Path, cfg: Config, out_dir: str | Path) -> dict[str, Any]:
+    """:func:`evaluate_to_dir` on the run's own shards and ``eval`` settings: the evaluation
+    that ends a training run (``jobs.train``, a Tune trial with ``evaluate``)."""
+    return evaluate_to_dir(
+        model_ref,
+        cfg.data.shards,
+        cfg.eval.split,
+        out_dir,
+        flip=cfg.eval.flip_tta,
+        aar_groups=cfg.eval.aar_groups,
+        ccs_max=cfg.eval.ccs_max,
+    )
 
 
 def _nan_to_none(o: Any) -> Any:

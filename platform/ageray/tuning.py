@@ -1259,7 +1259,7 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """
     from ray import tune
 
-    from ageray.evaluation import evaluate_to_dir
+    from ageray.evaluation import evaluate_for_config
     from ageray.tracking import Tracker
     from ageray.training.driver import local_run_dir, run_stage_on_ray
 
@@ -1332,15 +1332,7 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             tracker.log_metrics(run_id, stage2)
         if c.evaluate:
             out = local_run_dir(cfg) / "eval"
-            report = evaluate_to_dir(
-                model_dir,
-                cfg.data.shards,
-                cfg.eval.split,
-                out,
-                flip=cfg.eval.flip_tta,
-                aar_groups=cfg.eval.aar_groups,
-                ccs_max=cfg.eval.ccs_max,
-            )
+            report = evaluate_for_config(model_dir, cfg, out)
             test = {
                 k: v
                 for k, v in report["flat_metrics"].items()
