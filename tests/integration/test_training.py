@@ -475,6 +475,13 @@ def test_worker_killed_mid_epoch_resumes_with_continuous_epochs(
     assert run_job(job_args(over, "--no-eval", "--no-register")) == 0
     out = capfd.readouterr()
     text = out.out + out.err
+    # Workers' lines reach this driver through Ray's log monitor, asynchronously: give the
+    # restarted group's lines a moment to arrive before reading them.
+    deadline = time.time() + 20
+    while "stage1: resumed at epoch" not in text and time.time() < deadline:
+        time.sleep(0.5)
+        out = capfd.readouterr()
+        text += out.out + out.err
     marker = fault_marker(str(storage), name, "stage1")
     assert marker.is_file() and "epoch 1 step 1" in marker.read_text()  # the fault fired
     assert "fault injection: killing rank 0 at epoch 1 step 1" in text
