@@ -453,7 +453,6 @@ def test_worker_killed_mid_epoch_resumes_with_continuous_epochs(
     ray_local,
     mlflow_srv,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
 ) -> None:
     """Rank 0 dies at epoch 1, step 1 (after epoch 0's checkpoint). Ray Train restarts the
     group from that checkpoint (FailureConfig.max_failures=1): epoch 1 is re-run from its
@@ -473,23 +472,17 @@ def test_worker_killed_mid_epoch_resumes_with_continuous_epochs(
         f"tracking.experiment={exp}",
     ]
     assert run_job(job_args(over, "--no-eval", "--no-register")) == 0
-    out = capfd.readouterr()
-    text = out.out + out.err
-    # Workers' lines reach this driver through Ray's log monitor, asynchronously: give the
-    # restarted group's lines a moment to arrive before reading them.
-    deadline = time.time() + 20
-    while "stage1: resumed at epoch" not in text and time.time() < deadline:
-        time.sleep(0.5)
-        out = capfd.readouterr()
-        text += out.out + out.err
     marker = fault_marker(str(storage), name, "stage1")
     assert marker.is_file() and "epoch 1 step 1" in marker.read_text()  # the fault fired
-    assert "fault injection: killing rank 0 at epoch 1 step 1" in text
-    assert "stage1: resumed at epoch 1" in text  # from the checkpoint, not from scratch
 
     runs = pipeline_runs(mlflow_srv.uri, exp, name)
     assert len(runs["stage1"]) == 1 and len(runs["pipeline"]) == 1
     rid = runs["stage1"][0].info.run_id
+    # Resumed once, from epoch 0's checkpoint, not from scratch. Read from MLflow: workers'
+    # console lines reach the driver through Ray's log monitor, asynchronously, and a
+    # restarted group's lines may arrive after fit() returns.
+    resumed = mlflow_client(mlflow_srv.uri).get_metric_history(rid, "resumed_at_epoch")
+    assert [(m.step, m.value) for m in resumed] == [(1, 1.0)]
     assert steps_of(mlflow_srv.uri, rid, "epoch") == [0, 1, 2]
     assert steps_of(mlflow_srv.uri, rid, "val_mae") == [0, 1, 2]
     assert runs["stage1"][0].info.status == "FINISHED"
@@ -588,11 +581,12 @@ def test_resubmitted_run_continues_the_same_runs(
     capfd.readouterr()
     assert run_job(argv) == 0
     text = "".join(capfd.readouterr())
-    assert f"stage1: resumed at epoch {done}" in text, text[-3000:]
     runs = pipeline_runs(mlflow_srv.uri, exp, name)
     assert len(runs["pipeline"]) == 1 and len(runs["stage1"]) == 1
     assert runs["pipeline"][0].info.run_id == first["pipeline"][0].info.run_id
     rid = runs["stage1"][0].info.run_id
+    resumed = mlflow_client(mlflow_srv.uri).get_metric_history(rid, "resumed_at_epoch")
+    assert [m.step for m in resumed] == [done], text[-3000:]
     assert rid == first["stage1"][0].info.run_id
     assert steps_of(mlflow_srv.uri, rid, "epoch") == [0, 1, 2]
     assert runs["stage1"][0].info.status == "FINISHED"

@@ -22,7 +22,7 @@ from torch import nn
 
 from ageray.config import Config, OptimConfig
 from ageray.training.checkpoint import load_state, restore, save_checkpoint, unwrap
-from ageray.training.context import fault_marker, maybe_inject_fault
+from ageray.training.context import fault_marker, maybe_inject_fault, registered_epoch
 from ageray.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -331,6 +331,7 @@ def test_fault_injection_fires_once_where_asked(
 
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.delenv("AGERAY_FAIL_AT_EPOCH", raising=False)
+    monkeypatch.setenv("AGERAY_FAIL_WAIT_S", "0.2")  # no controller here to register anything
     run = _Run()
     kw = dict(storage_path=str(tmp_path), name="r", stage="stage1", cfg_run=run)
     maybe_inject_fault(rank=0, epoch=1, step=1, **kw)  # disabled by default
@@ -348,6 +349,52 @@ def test_fault_injection_fires_once_where_asked(
     monkeypatch.setenv("AGERAY_FAIL_AT_EPOCH", "2")  # the environment overrides the config
     with pytest.raises(_Killed):
         maybe_inject_fault(rank=0, epoch=2, step=1, **{**kw, "stage": "stage2"})
+
+
+def test_fault_waits_for_the_previous_checkpoint_to_be_registered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault fires once the controller's snapshot holds epoch N-1, not before."""
+    import json
+    import threading
+
+    fired: list[float] = []
+
+    def fake_exit(code: int) -> None:
+        fired.append(time.monotonic())
+        raise _Killed(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.delenv("AGERAY_FAIL_AT_EPOCH", raising=False)
+    monkeypatch.setenv("AGERAY_FAIL_WAIT_S", "60")
+    run = _Run()
+    run.fail_at_epoch = 2
+    snap = tmp_path / "r" / "stage1" / "checkpoint_manager_snapshot.json"
+    snap.parent.mkdir(parents=True)
+    snap.write_text(json.dumps({"latest_checkpoint_result": {"metrics": {"epoch": 0.0}}}))
+    assert registered_epoch(str(tmp_path), "r", "stage1") == 0
+    assert registered_epoch(str(tmp_path), "r", "stage2") is None
+    assert registered_epoch("s3://b/p", "r", "stage1") is None
+
+    def register_epoch_1() -> None:
+        time.sleep(0.6)
+        snap.write_text(json.dumps({"latest_checkpoint_result": {"metrics": {"epoch": 1.0}}}))
+
+    t0 = time.monotonic()
+    writer = threading.Thread(target=register_epoch_1)
+    writer.start()
+    with pytest.raises(_Killed):
+        maybe_inject_fault(
+            storage_path=str(tmp_path),
+            name="r",
+            stage="stage1",
+            rank=0,
+            epoch=2,
+            step=1,
+            cfg_run=run,
+        )
+    writer.join()
+    assert fired and 0.5 < fired[0] - t0 < 30  # waited for epoch 1, not for the 60 s limit
 
 
 # --------------------------------------------------------------------------- tracking

@@ -8,9 +8,11 @@ lets the tests exercise the loop without Ray and the benchmark compare the two f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,11 +156,32 @@ def fault_marker(storage_path: str, name: str, stage: str) -> Path:
     return base / name / stage / ".fault-injected"
 
 
+def registered_epoch(storage_path: str, name: str, stage: str) -> int | None:
+    """The epoch of the newest checkpoint Ray Train's controller has *registered* for a
+    stage (from its snapshot in local storage), or None when there is none or it is remote."""
+    if "://" in storage_path:
+        return None
+    snap = Path(storage_path) / name / stage / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        return int(latest["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def maybe_inject_fault(
     *, storage_path: str, name: str, stage: str, rank: int, epoch: int, step: int, cfg_run
 ) -> None:
     """Kill this worker process once, mid-epoch, when the config or AGERAY_FAIL_AT_EPOCH
-    asks for it (tests of fault tolerance; off by default)."""
+    asks for it (tests of fault tolerance; off by default).
+
+    Before killing, wait (up to ``AGERAY_FAIL_WAIT_S``, 60 s) until the controller has
+    registered the previous epoch's checkpoint. Why: a ``ray.train.report`` returns once the
+    checkpoint is in storage, but the controller registers it only at its next poll of the
+    workers; a worker that dies in between restarts the group from the checkpoint before
+    (Ray Train's semantics). The injected fault is meant to be "a crash after epoch N-1's
+    checkpoint", so it must not race the poll. Remote storage cannot be checked: no wait.
+    """
     fail_epoch = int(os.environ.get("AGERAY_FAIL_AT_EPOCH", cfg_run.fail_at_epoch))
     if fail_epoch < 0 or epoch != fail_epoch or step != cfg_run.fail_at_step:
         return
@@ -167,6 +190,13 @@ def maybe_inject_fault(
     marker = fault_marker(storage_path, name, stage)
     if marker.exists():
         return
+    if epoch > 0 and "://" not in storage_path:
+        deadline = time.monotonic() + float(os.environ.get("AGERAY_FAIL_WAIT_S", "60"))
+        while time.monotonic() < deadline:
+            done = registered_epoch(storage_path, name, stage)
+            if done is not None and done >= epoch - 1:
+                break
+            time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
     sys.stdout.write(

@@ -383,6 +383,9 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
             global_step = int(state.get("global_step", 0))
             if ctx.rank == 0:
                 say(f"[ageray] {spec.stage}: resumed at epoch {start_epoch}")
+            # Also in the run's history (step = the epoch it resumed at), so whoever reads
+            # the run in MLflow sees each restart without the workers' console logs.
+            logger.log_metrics({"resumed_at_epoch": float(start_epoch)}, step=start_epoch)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, plan.epochs):
