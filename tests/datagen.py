@@ -1,5 +1,5 @@
-"""Small, deterministic test data for the data-pipeline tests: encoded images, records and
-hand-made (possibly corrupt) shards. Kept tiny (16-32 px) so tests take seconds."""
+"""Small, deterministic test data: encoded images, records, hand-made (possibly corrupt)
+shards, and a tiny routed age model. Kept tiny (16-64 px) so tests take seconds."""
 
 from __future__ import annotations
 
@@ -99,3 +99,24 @@ def write_manual_shards(
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def make_tiny_model(folder: Path, seed: int = 0, meta: dict[str, Any] | None = None) -> Path:
+    """resnet18 + GLAE head (FR r=k=s=16) at 64 px with random weights, saved with
+    ``save_model``. Its balanced head is perturbed away from the vanilla one so that Adaptive
+    Routing has a real choice to make (identical heads would always tie)."""
+    import torch
+
+    from ageray.config import Config, ModelConfig
+    from ageray.model import build_model, save_model
+
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.model = ModelConfig(backbone="resnet18", head="glae", fr_r=16, fr_kernel=16, fr_stride=16)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.add_balanced_head(freeze=False)
+    with torch.no_grad():
+        for p in model.heads["balanced"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_model(model, folder, cfg, meta=meta or {"seed": seed})

@@ -489,16 +489,31 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
     return parse_space(data, source=str(p))
 
 
+def _reject_unknown(
+    raw: Mapping[str, Any],
+    known: Sequence[str],
+    what: str,
+    source: str,
+    known_label: str = "known",
+    hint: str = "",
+) -> None:
+    """Fail on keys of ``raw`` outside ``known``, naming them all and listing what is known:
+    a typo in a space file must not be ignored and silently searched with defaults."""
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise TuningError(
+            f"{source}: unknown {what}(s) {', '.join(map(repr, unknown))}; {known_label}: "
+            f"{', '.join(known)}{hint}"
+        )
+
+
 def parse_space(data: Any, source: str = "<space>") -> SearchSpace:
     """Check a space mapping (the YAML's content) and return a :class:`SearchSpace`."""
     if not isinstance(data, Mapping):
         raise TuningError(f"{source}: the top level must be a mapping with {', '.join(SECTIONS)}")
-    unknown = [k for k in data if k not in SECTIONS]
-    if unknown:
-        raise TuningError(
-            f"{source}: unknown section(s) {', '.join(map(repr, unknown))}; known sections: "
-            f"{', '.join(SECTIONS)} (distributions go under params:)"
-        )
+    _reject_unknown(
+        data, SECTIONS, "section", source, "known sections", " (distributions go under params:)"
+    )
     known = config_keys()
     settings = _parse_settings(data.get("search") or {}, source)
     fixed_raw = data.get("fixed") or {}
@@ -537,12 +552,7 @@ def parse_space(data: Any, source: str = "<space>") -> SearchSpace:
 def _parse_settings(raw: Any, source: str) -> SearchSettings:
     if not isinstance(raw, Mapping):
         raise TuningError(f"{source}: search: must be a mapping of settings")
-    unknown = [k for k in raw if k not in _SETTING_KEYS]
-    if unknown:
-        raise TuningError(
-            f"{source}: unknown search setting(s) {', '.join(map(repr, unknown))}; known: "
-            f"{', '.join(sorted(_SETTING_KEYS))}"
-        )
+    _reject_unknown(raw, sorted(_SETTING_KEYS), "search setting", source)
     s = SearchSettings()
     for key, value in raw.items():
         if key == "scheduler":
@@ -557,12 +567,7 @@ def _parse_scheduler(raw: Any, source: str) -> SchedulerSettings:
         raw = {"name": raw}
     if not isinstance(raw, Mapping):
         raise TuningError(f"{source}: search.scheduler must be asha, fifo or a mapping")
-    unknown = [k for k in raw if k not in _SCHEDULER_KEYS]
-    if unknown:
-        raise TuningError(
-            f"{source}: unknown scheduler setting(s) {', '.join(map(repr, unknown))}; known: "
-            f"{', '.join(sorted(_SCHEDULER_KEYS))}"
-        )
+    _reject_unknown(raw, sorted(_SCHEDULER_KEYS), "scheduler setting", source)
     return SchedulerSettings(**dict(raw))
 
 

@@ -28,14 +28,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
+from datagen import make_tiny_model
 from PIL import Image
 from services import MlflowServer, free_port
 
-from ageray.config import Config, DataConfig, ModelConfig
+from ageray.config import Config, DataConfig
 from ageray.data.transforms import decode_image, preprocess_for_eval
-from ageray.model import build_model, load_model, save_model
+from ageray.model import load_model
 from ageray.serving import ServeSettings
 
 pytestmark = pytest.mark.integration
@@ -61,21 +61,6 @@ BASE_UC: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- model + registry
-
-
-def make_tiny_model(folder: Path, seed: int) -> Path:
-    """resnet18 + GLAE head (FR r=16) at 64 px, plus a balanced head that differs from the
-    vanilla one so that Adaptive Routing has a real choice; random weights."""
-    cfg = Config()
-    cfg.data.image_size = 64
-    cfg.model = ModelConfig(backbone="resnet18", head="glae", fr_r=16, fr_kernel=16, fr_stride=16)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.add_balanced_head(freeze=False)
-    with torch.no_grad():
-        for p in model.heads["balanced"].parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model(model, folder, cfg, meta={"seed": seed})
 
 
 @dataclass

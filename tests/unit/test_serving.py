@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datagen import make_tiny_model
 from PIL import Image
 
-from ageray.config import Config, ModelConfig
+from ageray.config import ModelConfig
 from ageray.data.transforms import decode_image, preprocess_for_eval
 from ageray.model import build_model, save_model
 from ageray.serving import (
@@ -270,26 +271,6 @@ def test_any_mode_and_tiny_images_are_answered(make, served) -> None:
 
 
 # --------------------------------------------------------------------------- the model
-
-
-def _tiny_cfg(image_size: int = 64) -> Config:
-    cfg = Config()
-    cfg.data.image_size = image_size
-    cfg.model = ModelConfig(backbone="resnet18", head="glae", fr_r=16, fr_kernel=16, fr_stride=16)
-    return cfg
-
-
-def make_tiny_model(folder: Path, seed: int = 0, meta: dict | None = None) -> Path:
-    """resnet18 + GLAE head at 64 px with a balanced head that differs from the vanilla one
-    (so Adaptive Routing has something to choose), saved with save_model."""
-    cfg = _tiny_cfg()
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.add_balanced_head(freeze=False)
-    with torch.no_grad():
-        for p in model.heads["balanced"].parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model(model, folder, cfg, meta=meta or {"seed": seed})
 
 
 @pytest.fixture(scope="module")
