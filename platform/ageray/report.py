@@ -76,7 +76,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend: plots are written on headless
+    Ray workers and CI machines, where an interactive backend would fail or hang."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -85,9 +87,20 @@ def _plt():
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (PNG at 110 dpi, parent folders made) and close ``fig``. Closing matters:
+    pyplot keeps every open figure alive, and a search or evaluation draws many."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    pyplot().close(fig)
+    return out
+
+
 def plot_per_age(report: dict[str, Any], path: str | Path) -> Path:
     """Per-age sample counts (bars) and per-age MAE of each row (lines), CMAE dashed (Fig. 1)."""
-    plt = _plt()
+    plt = pyplot()
     hist = {int(k): v for k, v in report["age_hist"].items()}
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ages = sorted(hist)
@@ -108,10 +121,7 @@ def plot_per_age(report: dict[str, Any], path: str | Path) -> Path:
     handles2 = ax2.get_legend_handles_labels()
     ax2.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper right", fontsize=8)
     ax.set_title("Per-age MAE over the per-age sample histogram")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_routing_usage(report: dict[str, Any], path: str | Path) -> Path | None:
@@ -119,7 +129,7 @@ def plot_routing_usage(report: dict[str, Any], path: str | Path) -> Path | None:
     usage = report.get("routing_usage")
     if not usage:
         return None
-    plt = _plt()
+    plt = pyplot()
     groups = list(usage)
     van = [usage[g].get("vanilla") or 0.0 for g in groups]
     bal = [usage[g].get("balanced") or 0.0 for g in groups]
@@ -133,15 +143,12 @@ def plot_routing_usage(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_xlabel("age group")
     ax.set_title("Adaptive Routing: which head answers, per age group")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_ccs(report: dict[str, Any], path: str | Path) -> Path:
     """CCS(t) curves (Xing et al. eq. 2) as a fraction of the test set."""
-    plt = _plt()
+    plt = pyplot()
     n = max(1, report["num_samples"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in report.get("row_order", list(report["rows"])):
@@ -160,10 +167,7 @@ def plot_ccs(report: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Cumulative correct score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -1080,10 +1080,9 @@ def plot_metric_vs_params(
     """One panel per searched parameter: each trial's best metric against its value
     (categorical axis for discrete values, log axis for log-uniform ones); early-stopped
     trials are drawn hollow, so a reader sees what ASHA cut."""
-    import matplotlib
+    from ageray.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     params = space.params or [ParamSpec("(none)", ("(none)",), "choice", ("-",))]
     fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.4), squeeze=False)
@@ -1113,12 +1112,7 @@ def plot_metric_vs_params(
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{spec.label} at each trial's best epoch")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def plot_curves(
@@ -1128,10 +1122,9 @@ def plot_curves(
     path: str | os.PathLike[str],
 ) -> Path:
     """The metric per epoch, one line per trial: where ASHA cut trials is visible."""
-    import matplotlib
+    from ageray.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for rec in records:
@@ -1148,12 +1141,7 @@ def plot_curves(
     ax.grid(alpha=0.3)
     if len(records) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def best_recipe(base: Mapping[str, Any], overrides: Mapping[str, Any], name: str) -> Config:
