@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from ageray.data.records import ImportReport
 from ageray.data.synthetic import iter_synthetic, random_traits, render_face
+from ageray.losses import expected_age
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ((1, 17), (18, 65), (66, 200))
@@ -83,10 +84,6 @@ class AgeNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-def expected_age(logits: torch.Tensor) -> torch.Tensor:
-    return (logits.softmax(1) * torch.arange(logits.shape[1], dtype=torch.float32)).sum(1)
 
 
 def group_mae(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -159,7 +156,7 @@ def main() -> None:
             xb, yb = normalise(augment(x_tr[idx])), y_tr[idx]
             logits = model(xb)
             kl = F.kl_div(logits.log_softmax(1), gaussian_targets(yb), reduction="batchmean")
-            l1 = (expected_age(logits) - yb).abs().mean()
+            l1 = (expected_age(logits=logits) - yb).abs().mean()
             loss = kl + 0.1 * l1
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,7 +174,7 @@ def main() -> None:
     preds = []
     with torch.inference_mode():
         for i in range(0, len(y_te), 200):
-            preds.append(expected_age(model(normalise(x_te[i : i + 200]))))
+            preds.append(expected_age(logits=model(normalise(x_te[i : i + 200]))))
     pred = torch.cat(preds).numpy()
     y = y_te.numpy()
     mean_pred = np.full_like(y, float(y_tr.mean()))

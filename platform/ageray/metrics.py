@@ -39,7 +39,6 @@ __all__ = [
     "TABLE_IX_GROUPS",
     "aar",
     "aar_details",
-    "age_bins",
     "ccs",
     "ccs_curve",
     "cmae",
@@ -86,19 +85,19 @@ _CCS_TOL = 1e-9  # years; see ccs()
 # --------------------------------------------------------------------------------------
 
 
-def _to_numpy(x: Any, name: str) -> np.ndarray:
+def _to_numpy(values: Any, name: str) -> np.ndarray:
     """Any array-like (torch tensor on any device, numpy, list, tuple) as float64 numpy.
 
     torch is looked up, not imported: a tensor can only exist once torch is loaded, and the
     report tooling can then use the metrics without paying for the torch import.
     """
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
-    if isinstance(x, str | bytes):
-        raise ValueError(f"{name} must be a sequence of numbers, got a string {x!r}")
+    if torch is not None and isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if isinstance(values, str | bytes):
+        raise ValueError(f"{name} must be a sequence of numbers, got a string {values!r}")
     try:
-        return np.asarray(x, dtype=np.float64)
+        return np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(
             f"{name} must be a sequence of numbers (list, numpy array or torch tensor); "
@@ -106,9 +105,9 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
         ) from None
 
 
-def _as_1d(x: Any, name: str, *, finite: bool = True) -> np.ndarray:
+def _as_1d(values: Any, name: str, *, finite: bool = True) -> np.ndarray:
     """Validate one input: 1-D after squeezing size-1 axes, non-empty, (optionally) finite."""
-    arr = _to_numpy(x, name)
+    arr = _to_numpy(values, name)
     if arr.ndim == 0:
         raise ValueError(f"{name} must be a 1-D sequence of per-sample values, got a scalar")
     if arr.ndim > 1:
@@ -144,25 +143,21 @@ def _pair(y_true: Any, y_pred: Any, pred_name: str = "y_pred") -> tuple[np.ndarr
     return t, p
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _threshold(t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, numbers.Real):
-        raise ValueError(f"t must be a number of years, got {t!r}")
-    if not math.isfinite(float(t)) or t < 0:
-        raise ValueError(f"t must be a finite, non-negative number of years, got {t!r}")
-    return float(t)
+def _threshold(years: Any) -> float:
+    """``t`` of CCS(t) validated. The public argument keeps the papers' name ``t``."""
+    if isinstance(years, bool) or not isinstance(years, numbers.Real):
+        raise ValueError(f"t must be a number of years, got {years!r}")
+    if not math.isfinite(float(years)) or years < 0:
+        raise ValueError(f"t must be a finite, non-negative number of years, got {years!r}")
+    return float(years)
 
 
-def age_bins(y_true: Any) -> np.ndarray:
-    """Integer age of each label: ``floor(y + 0.5)`` (round half up, see module docs)."""
-    return np.floor(_as_1d(y_true, "y_true") + 0.5).astype(np.int64)
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def group_label(group: Group) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ageray.config import Config, ModelConfig
-from ageray.model import AgeModel, adaptive_route, build_model, expected_age
+from ageray.model import AgeModel, adaptive_route, age_from_probs, build_model
 
 SIZE = 64
 
@@ -183,7 +183,7 @@ def test_predict_single_head() -> None:
     assert set(pred.heads) == {"vanilla"}
     van = pred.heads["vanilla"]
     assert van["kl"] is not None and van["kl"].shape == (3,) and (van["kl"] >= 0).all()
-    assert torch.allclose(pred.age, expected_age(pred.probs))
+    assert torch.allclose(pred.age, age_from_probs(pred.probs))
     # probs is the average of the image and flip distributions
     model.eval()
     with torch.no_grad():

@@ -90,13 +90,13 @@ def test_padding_rule_arithmetic() -> None:
             for stride in range(1, kernel + 1):
                 if length < kernel:
                     with pytest.raises(ValueError, match="empty output"):
-                        fr_padding(length, kernel, stride)
+                        fr_padding(length, kernel_size=kernel, stride=stride)
                     continue
-                before, after = fr_padding(length, kernel, stride)
+                before, after = fr_padding(length, kernel_size=kernel, stride=stride)
                 total = before + after
                 assert 0 <= total < stride and 0 <= after - before <= 1
                 assert (length + total - kernel) % stride == 0
-                n = fr_output_size(length, kernel, stride)
+                n = fr_output_size(length, kernel_size=kernel, stride=stride)
                 assert -before + (n - 1) * stride + kernel - 1 >= length - 1
                 conv = nn.Conv1d(1, 1, kernel, stride)
                 out = conv(nn.functional.pad(torch.zeros(1, 1, length), (before, after)))

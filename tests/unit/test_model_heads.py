@@ -14,7 +14,7 @@ from ageray.model import (
     HybridMultiTask,
     LinearHead,
     Projection,
-    expected_age,
+    age_from_probs,
 )
 
 LDL = Formulation("ldl", 101)
@@ -24,7 +24,7 @@ PAPER_OUT_7X7 = {(16, 8): 13, (16, 16): 7, (32, 8): 11, (32, 16): 6}
 @pytest.mark.parametrize(("kernel", "stride"), list(PAPER_OUT_7X7))
 def test_glae_head_resnet18_shapes(kernel: int, stride: int) -> None:
     """ResNet-18 at 224: F 512x7x7 -> F' 101xH'xW' -> Proj(101*H'*W' -> 512) -> 101."""
-    head = GLAEHead(512, (7, 7), LDL, 16, kernel, stride)
+    head = GLAEHead(512, (7, 7), LDL, r=16, kernel_size=kernel, stride=stride)
     h = PAPER_OUT_7X7[(kernel, stride)]
     assert isinstance(head.proj[0], nn.Linear)
     assert head.proj[0].in_features == 101 * h * h and head.proj[0].out_features == 512
@@ -37,7 +37,7 @@ def test_glae_head_resnet18_shapes(kernel: int, stride: int) -> None:
 
 def test_glae_head_resnet50_shapes() -> None:
     """ResNet-50 at 224 with the paper's (16, 16): 2048x7x7 -> 8x112x112 -> 101x7x7 -> 2048."""
-    head = GLAEHead(2048, (7, 7), LDL, 16, 16, 16)
+    head = GLAEHead(2048, (7, 7), LDL, r=16, kernel_size=16, stride=16)
     assert head.fr.conv.in_channels == 8
     assert head.proj[0].in_features == 101 * 49 and head.proj[0].out_features == 2048
     out = head(torch.randn(2, 2048, 7, 7), return_local=True)
@@ -53,14 +53,14 @@ def test_glae_head_rejects_other_map_size_and_regression() -> None:
 
 
 def test_projection_depths() -> None:
-    p0 = Projection(1616, 512, 0)
+    p0 = Projection(1616, 512, depth=0)
     assert [type(m) for m in p0] == [nn.Linear]  # depth 0: one linear layer, no BN/activation
-    p2 = Projection(1616, 512, 2)
+    p2 = Projection(1616, 512, depth=2)
     kinds = [type(m) for m in p2]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
     assert p2[0].in_features == 1616 and p2[3].in_features == 512 and p2[6].out_features == 512
     with pytest.raises(ValueError, match="proj_depth=-1"):
-        Projection(10, 10, -1)
+        Projection(10, 10, depth=-1)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_linear_head_formulations(name: str, keys: set[str], dim: int) -> None:
 
 def test_formulation_ages_by_hand() -> None:
     probs = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
-    assert expected_age(probs).tolist() == [1.5, 0.0]
+    assert age_from_probs(probs).tolist() == [1.5, 0.0]
     ordinal = Formulation("ordinal", 4, age_min=1)  # Xing eq. 11: 1 + sum_k f_k
     raw = torch.tensor([[0.0, math.log(3.0), -1e4]])  # sigmoids 0.5, 0.75, 0
     assert ordinal.outputs(raw)["age"].tolist() == pytest.approx([1 + 0.5 + 0.75])

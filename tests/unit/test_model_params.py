@@ -18,7 +18,7 @@ def test_count_parameters_dedupes_and_skips_training_only() -> None:
 
 
 def test_glae_table_resnet18_depth0() -> None:
-    row = glae_parameter_table(["resnet18"], [0])[0]
+    row = glae_parameter_table(["resnet18"], depths=[0])[0]
     assert row["fmap"] == "7x7" and row["fprime"] == "101x7x7"
     assert row["trunk"] == 11_176_512  # ResNet-18 without its fc: the paper's "11M"
     assert row["fr"] == 2 * 101 * 16 * 16 + 101

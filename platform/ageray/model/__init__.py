@@ -2,14 +2,18 @@
 Xing et al.'s formulations and multi-task nets, and the saved-model format.
 
 Entry points: ``build_model(cfg)`` -> ``AgeModel`` (``forward``, ``predict``, stage 2),
-``save_model`` / ``load_model``, and the stable names ``FeatureRearrangement`` and
-``adaptive_route`` (ARCHITECTURE.md).
+``save_model`` / ``load_model``, and two names other code relies on (their shapes are in
+docs/design.md)::
+
+    FeatureRearrangement(in_channels, r, kernel_size, stride, num_classes=101)
+    adaptive_route(p_van, p_van_flip, p_bal, p_bal_flip, rule="smaller")
+        -> (probs, choice, kl_van, kl_bal)
 """
 
 from .age_model import AgeModel, Prediction, build_model
 from .backbone import Backbone, LoadReport, create_backbone, find_weights_file, read_state_dict
 from .counting import count_parameters, parameter_breakdown
-from .formulation import FORMULATIONS, Formulation, expected_age
+from .formulation import FORMULATIONS, Formulation, age_from_probs
 from .fr import FeatureRearrangement, fr_output_size, fr_padding, table_iii_pairs
 from .heads import AgeHead, GLAEHead, LinearHead, Projection
 from .io import load_model, read_model_info, save_model
@@ -32,10 +36,10 @@ __all__ = [
     "Prediction",
     "Projection",
     "adaptive_route",
+    "age_from_probs",
     "build_model",
     "count_parameters",
     "create_backbone",
-    "expected_age",
     "find_weights_file",
     "fr_output_size",
     "fr_padding",

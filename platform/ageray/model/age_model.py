@@ -25,7 +25,7 @@ from torch import nn
 from ageray.config import Config, DataConfig, ModelConfig
 
 from .backbone import Backbone, LoadReport, create_backbone
-from .formulation import Formulation, expected_age
+from .formulation import Formulation, age_from_probs
 from .heads import AgeHead, GLAEHead, LinearHead
 from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
 from .routing import adaptive_route, kl_rows
@@ -58,7 +58,7 @@ class Prediction:
 class AgeModel(nn.Module):
     """Backbone + ``heads`` (``nn.ModuleDict``: "vanilla", and "balanced" after stage 2).
 
-    ``forward(x, heads=None, return_local=None)`` returns ``{"features": F, "<head>": dict}``
+    ``forward(images, heads=None, return_local=None)`` returns ``{"features": F, "<head>": dict}``
     for the requested heads (default: all present); see docs/design.md for the head dict.
     ``return_local`` (default: ``self.training``) adds the GLAE head's ``local_logits``.
     """
@@ -68,6 +68,7 @@ class AgeModel(nn.Module):
         backbone: Backbone,
         head: AgeHead,
         cfg: ModelConfig,
+        *,
         image_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -109,15 +110,15 @@ class AgeModel(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        images: torch.Tensor,
         heads: str | Sequence[str] | None = None,
         return_local: bool | None = None,
     ) -> dict[str, Any]:
         names = self._resolve(heads)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         indices = sorted({i for n in names for i in self.heads[n].stage_indices})
-        features, stages = self.backbone(x, indices)
+        features, stages = self.backbone(images, indices)
         local = self.training if return_local is None else return_local
         out: dict[str, Any] = {"features": features}
         for name in names:
@@ -126,7 +127,7 @@ class AgeModel(nn.Module):
 
     # ------------------------------------------------------------------ stage 2
 
-    def add_balanced_head(self, trainable: Trainable = "head", freeze: bool = True) -> AgeHead:
+    def add_balanced_head(self, trainable: Trainable = "head", *, freeze: bool = True) -> AgeHead:
         """Deep-copy the vanilla head into ``heads["balanced"]`` (stage 2's starting point).
 
         With ``freeze`` (default) also calls ``freeze_for_stage2(trainable)``; ``load_model``
@@ -194,11 +195,13 @@ class AgeModel(nn.Module):
 
     def predict(
         self,
-        x: torch.Tensor,
+        images: torch.Tensor,
+        *,
         flip: bool = True,
         rule: Literal["smaller", "bigger"] = "smaller",
     ) -> Prediction:
-        """GLAE's test protocol: x and its horizontal flip in ONE forward pass, every head.
+        """GLAE's test protocol: the images and their horizontal flips in ONE forward pass,
+        every head.
 
         Per head (distribution formulations): probs = 0.5 * (p + p_flip), age = the
         expectation of probs, kl = KL(p || p_flip). With a balanced head the answer is
@@ -212,20 +215,22 @@ class AgeModel(nn.Module):
         try:
             self.eval()
             with torch.inference_mode():
-                return self._predict(x, names, flip, rule)
+                return self._predict(images, names, flip=flip, rule=rule)
         finally:
             self.train(was_training)
 
-    def _predict(self, x: torch.Tensor, names: list[str], flip: bool, rule: str) -> Prediction:
-        b = x.shape[0]
-        batch = torch.cat([x, x.flip(-1)]) if flip else x
+    def _predict(
+        self, images: torch.Tensor, names: list[str], *, flip: bool, rule: str
+    ) -> Prediction:
+        b = images.shape[0]
+        batch = torch.cat([images, images.flip(-1)]) if flip else images
         out = self.forward(batch, heads=names, return_local=False)
 
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return (t[:b], t[b:]) if flip else (t, None)
+        def split(both: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return (both[:b], both[b:]) if flip else (both, None)
 
-        def avg(t: torch.Tensor) -> torch.Tensor:
-            a, f = split(t)
+        def avg(both: torch.Tensor) -> torch.Tensor:
+            a, f = split(both)
             return a if f is None else 0.5 * (a + f)
 
         heads: dict[str, dict[str, torch.Tensor | None]] = {}
@@ -236,23 +241,23 @@ class AgeModel(nn.Module):
                 p, pf = split(torch.softmax(d["logits"].float(), -1))
                 probs = p if pf is None else 0.5 * (p + pf)
                 kl = None if pf is None else kl_rows(p, pf)
-                heads[name] = {"age": expected_age(probs), "probs": probs, "kl": kl}
+                heads[name] = {"age": age_from_probs(probs), "probs": probs, "kl": kl}
                 dists[name] = (p, pf)
             else:
                 heads[name] = {"age": avg(d["age"].float()), "probs": None, "kl": None}
         van = heads["vanilla"]
         age: torch.Tensor = van["age"]  # type: ignore[assignment]
         probs = van["probs"]
-        choice = torch.zeros(b, dtype=torch.long, device=x.device)
+        choice = torch.zeros(b, dtype=torch.long, device=images.device)
         if flip and "vanilla" in dists and "balanced" in dists:
             (pv, pvf), (pb, pbf) = dists["vanilla"], dists["balanced"]
-            probs, choice, _, _ = adaptive_route(pv, pvf, pb, pbf, rule)  # type: ignore[arg-type]
-            age = expected_age(probs)
+            probs, choice, _, _ = adaptive_route(pv, pvf, pb, pbf, rule=rule)  # type: ignore[arg-type]
+            age = age_from_probs(probs)
         gender = race = None
         if "gender_logits" in out["vanilla"]:
             gender = avg(torch.softmax(out["vanilla"]["gender_logits"].float(), -1))
             race = avg(torch.softmax(out["vanilla"]["race_logits"].float(), -1))
-        return Prediction(age, probs, choice, heads, gender, race)
+        return Prediction(age=age, probs=probs, head=choice, heads=heads, gender=gender, race=race)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,20 +265,30 @@ class AgeModel(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def _make_head(mc: ModelConfig, backbone: Backbone, image_size: int, form: Formulation) -> AgeHead:
-    c = backbone.out_channels
+def _make_head(
+    mc: ModelConfig, backbone: Backbone, *, image_size: int, form: Formulation
+) -> AgeHead:
+    channels = backbone.out_channels
+    groups = {"num_genders": mc.num_genders, "num_races": mc.num_races}
 
     def age_head() -> AgeHead:
         if mc.head == "linear":
-            return LinearHead(c, form, mc.drop_rate)
-        h, w = backbone.feature_size(image_size)
+            return LinearHead(channels, form, drop_rate=mc.drop_rate)
+        height, width = backbone.feature_size(image_size)
         try:
             return GLAEHead(
-                c, (h, w), form, mc.fr_r, mc.fr_kernel, mc.fr_stride, mc.proj_depth, mc.drop_rate
+                channels,
+                (height, width),
+                form,
+                r=mc.fr_r,
+                kernel_size=mc.fr_kernel,
+                stride=mc.fr_stride,
+                proj_depth=mc.proj_depth,
+                drop_rate=mc.drop_rate,
             )
         except ValueError as exc:
             raise ValueError(
-                f"model.backbone={mc.backbone} gives a {c}x{h}x{w} feature map at "
+                f"model.backbone={mc.backbone} gives a {channels}x{height}x{width} feature map at "
                 f"{image_size} px; with model.fr_r={mc.fr_r}, fr_kernel={mc.fr_kernel}, "
                 f"fr_stride={mc.fr_stride}: {exc}"
             ) from exc
@@ -286,22 +301,21 @@ def _make_head(mc: ModelConfig, backbone: Backbone, image_size: int, form: Formu
             f"{mc.num_genders} and {mc.num_races}"
         )
     if mc.multitask == "parallel":
-        return ParallelMultiTask(age_head(), c, mc.num_genders, mc.num_races, mc.drop_rate)
+        return ParallelMultiTask(age_head(), channels, **groups, drop_rate=mc.drop_rate)
     if mc.multitask == "deep":
-        n = len(backbone.feature_info)
-        if n < 3:
+        levels = len(backbone.feature_info)
+        if levels < 3:
             raise ValueError(
-                f"model.multitask=deep needs 3 feature levels; {mc.backbone} exposes {n}"
+                f"model.multitask=deep needs 3 feature levels; {mc.backbone} exposes {levels}"
             )
-        race_i, gender_i = n - 3, n - 2
+        race_index, gender_index = levels - 3, levels - 2
         return DeepMultiTask(
             age_head(),
-            race_i,
-            backbone.stage_channels(race_i),
-            gender_i,
-            backbone.stage_channels(gender_i),
-            mc.num_genders,
-            mc.num_races,
+            race_index=race_index,
+            race_channels=backbone.stage_channels(race_index),
+            gender_index=gender_index,
+            gender_channels=backbone.stage_channels(gender_index),
+            **groups,
             drop_rate=mc.drop_rate,
         )
     if mc.multitask == "hybrid":
@@ -311,7 +325,7 @@ def _make_head(mc: ModelConfig, backbone: Backbone, image_size: int, form: Formu
                 f"estimator per race-gender group ({mc.num_genders * mc.num_races} here) on GAP "
                 "features (Xing 3.3.3); use model.head=linear"
             )
-        return HybridMultiTask(c, form, mc.num_genders, mc.num_races, mc.drop_rate)
+        return HybridMultiTask(channels, form, **groups, drop_rate=mc.drop_rate)
     raise ValueError(f"model.multitask={mc.multitask!r} is not one of none, parallel, deep, hybrid")
 
 
@@ -328,19 +342,19 @@ def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> Age
     if image_size is None and isinstance(cfg, Config):
         image_size = cfg.data.image_size
     if image_size is None:
-        image_size = getattr(mc, "image_size", None) or DataConfig().image_size
+        image_size = DataConfig().image_size
     if image_size <= 0:
         raise ValueError(f"image_size={image_size} must be positive")
     if mc.head not in ("linear", "glae"):
         raise ValueError(f"model.head={mc.head!r} is not one of linear, glae")
-    form = Formulation(mc.formulation, mc.num_classes, mc.age_min)
+    form = Formulation(mc.formulation, num_classes=mc.num_classes, age_min=mc.age_min)
     if mc.proj_depth < 0:
         raise ValueError(f"model.proj_depth={mc.proj_depth} must be >= 0")
     if not 0.0 <= mc.drop_rate < 1.0:
         raise ValueError(f"model.drop_rate={mc.drop_rate} must be in [0, 1)")
     backbone = create_backbone(mc.backbone)
-    head = _make_head(mc, backbone, image_size, form)
-    model = AgeModel(backbone, head, mc, image_size)
+    head = _make_head(mc, backbone, image_size=image_size, form=form)
+    model = AgeModel(backbone, head, mc, image_size=image_size)
     if mc.pretrained:
         model.load_backbone(mc.pretrained)
     if mc.channels_last:

@@ -245,37 +245,39 @@ class Backbone(nn.Module):
         self._sizes: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
     def forward(
-        self, x: torch.Tensor, indices: Sequence[int] | None = None
+        self, images: torch.Tensor, indices: Sequence[int] | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """F for ``x``; with ``indices`` (into ``feature_info``) ``(F, {index: stage map})``.
+        """F for ``images``; with ``indices`` (into ``feature_info``) ``(F, {index: map})``.
 
         One pass either way; going through ``__call__`` keeps hooks (DDP, profilers) working.
         """
         if indices is None:
-            return self.model.forward_features(x)
-        return self.forward_stages(x, indices)
+            return self.model.forward_features(images)
+        return self.forward_stages(images, indices)
 
     def forward_stages(
-        self, x: torch.Tensor, indices: Sequence[int]
+        self, images: torch.Tensor, indices: Sequence[int]
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The last feature map and the stage maps ``indices`` (into ``feature_info``), in
         one pass."""
         if not indices:
-            return self.model.forward_features(x), {}
+            return self.model.forward_features(images), {}
         if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(
                 f"backbone {self.name!r} has no forward_intermediates in timm; the deeply "
                 "supervised multi-task head needs stage maps. Use a resnet/efficientnet backbone"
             )
         idx = sorted({self._norm_index(i) for i in indices})
-        final, inter = self.model.forward_intermediates(x, indices=idx)
+        final, inter = self.model.forward_intermediates(images, indices=idx)
         return final, dict(zip(idx, inter, strict=True))
 
-    def _norm_index(self, i: int) -> int:
-        n = len(self.feature_info)
-        if not -n <= i < n:
-            raise IndexError(f"stage index {i} out of range for {self.name!r} ({n} stages)")
-        return i % n
+    def _norm_index(self, index: int) -> int:
+        levels = len(self.feature_info)
+        if not -levels <= index < levels:
+            raise IndexError(
+                f"stage index {index} out of range for {self.name!r} ({levels} stages)"
+            )
+        return index % levels
 
     def stage_channels(self, index: int) -> int:
         return self.feature_info[self._norm_index(index)]["channels"]

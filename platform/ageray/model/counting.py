@@ -7,7 +7,7 @@ from torch import nn
 __all__ = ["count_parameters", "parameter_breakdown"]
 
 
-def count_parameters(model: nn.Module, include_local: bool = True) -> int:
+def count_parameters(model: nn.Module, *, include_local: bool = True) -> int:
     """Number of distinct parameters (tied ones counted once).
 
     ``include_local=False`` leaves out modules marked ``training_only = True`` (GLAE's

@@ -20,14 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DISTRIBUTION", "FORMULATIONS", "Formulation", "expected_age"]
+__all__ = ["DISTRIBUTION", "FORMULATIONS", "Formulation", "age_from_probs"]
 
 FORMULATIONS = ("ldl", "onehot", "mse", "mae", "ordinal")
 DISTRIBUTION = ("ldl", "onehot")
 
 
-def expected_age(probs: torch.Tensor) -> torch.Tensor:
-    """sum_k k * p_k over ages 0..K-1 (GLAE eq. 3), (B, K) -> (B,)."""
+def age_from_probs(probs: torch.Tensor) -> torch.Tensor:
+    """The age a distribution head answers: sum_k k * p_k over ages 0..K-1 along the LAST
+    axis (GLAE eq. 3), (..., K) -> (...).
+
+    Not named ``expected_age``: that is ``ageray.losses.expected_age``, which also takes
+    logits, reduces along ``dim`` (1 by default, for per-pixel maps) and shifts by
+    ``age_min``; two functions of one name with different axes would be a trap.
+    """
     ages = torch.arange(probs.shape[-1], device=probs.device, dtype=probs.dtype)
     return (probs * ages).sum(-1)
 
@@ -75,7 +81,7 @@ class Formulation:
     def outputs(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw last-layer outputs (B, out_dim) -> {"logits"|"ordinal_logits", "age"}."""
         if self.name in DISTRIBUTION:
-            return {"logits": raw, "age": expected_age(torch.softmax(raw.float(), -1))}
+            return {"logits": raw, "age": age_from_probs(torch.softmax(raw.float(), -1))}
         if self.name == "ordinal":
             return {
                 "ordinal_logits": raw,

@@ -50,7 +50,7 @@ def table_iii_pairs(r: int) -> list[tuple[int, int]]:
     return [(r, r // 2), (r, r), (2 * r, r // 2), (2 * r, r)]
 
 
-def fr_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
+def fr_padding(length: int, *, kernel_size: int, stride: int) -> tuple[int, int]:
     """(before, after) zero padding along one axis of the rearranged map (module docstring)."""
     if length < kernel_size:
         raise ValueError(
@@ -62,9 +62,9 @@ def fr_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def fr_output_size(length: int, kernel_size: int, stride: int) -> int:
+def fr_output_size(length: int, *, kernel_size: int, stride: int) -> int:
     """Output length along one axis for a rearranged axis of ``length`` pixels."""
-    before, after = fr_padding(length, kernel_size, stride)
+    before, after = fr_padding(length, kernel_size=kernel_size, stride=stride)
     return (length + before + after - kernel_size) // stride + 1
 
 
@@ -81,6 +81,10 @@ class FeatureRearrangement(nn.Module):
             sets ``out_size`` (the holistic projection needs ``num_classes * H' * W'``).
 
     Shapes: (B, C, H, W) -> (B, num_classes, H', W'); padding rule in the module docstring.
+
+    The positional order ``(in_channels, r, kernel_size, stride, num_classes)`` is a published
+    signature (GLAE's notation), so it stays; inside ageray it is called with keywords,
+    because a swapped kernel_size and stride of equal type would still build.
     """
 
     def __init__(
@@ -132,25 +136,27 @@ class FeatureRearrangement(nn.Module):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H', W') for a backbone map of ``height`` x ``width``."""
-        k, s, r = self.kernel_size, self.stride, self.r
-        return fr_output_size(height * r, k, s), fr_output_size(width * r, k, s)
+        sizes = {"kernel_size": self.kernel_size, "stride": self.stride}
+        return fr_output_size(height * self.r, **sizes), fr_output_size(width * self.r, **sizes)
 
     def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
         """``F.pad`` order (left, right, top, bottom) for a backbone map of that size."""
-        top, bottom = fr_padding(height * self.r, self.kernel_size, self.stride)
-        left, right = fr_padding(width * self.r, self.kernel_size, self.stride)
+        sizes = {"kernel_size": self.kernel_size, "stride": self.stride}
+        top, bottom = fr_padding(height * self.r, **sizes)
+        left, right = fr_padding(width * self.r, **sizes)
         return left, right, top, bottom
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 4 or features.shape[1] != self.in_channels:
             raise ValueError(
-                f"FeatureRearrangement expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"FeatureRearrangement expects (B, {self.in_channels}, H, W), got "
+                f"{tuple(features.shape)}"
             )
-        pad = self.padding(x.shape[-2], x.shape[-1])
-        x = self.shuffle(x)
+        pad = self.padding(features.shape[-2], features.shape[-1])
+        rearranged = self.shuffle(features)
         if any(pad):
-            x = F.pad(x, pad)
-        return self.conv(x)
+            rearranged = F.pad(rearranged, pad)
+        return self.conv(rearranged)
 
     def extra_repr(self) -> str:
         return (

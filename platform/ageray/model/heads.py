@@ -44,7 +44,9 @@ class LinearHead(AgeHead):
     """GAP + dropout + Linear(C, out_dim): LAE's standard baseline, GLAE's l_kl / l_base rows,
     and Xing's single-task networks for every formulation."""
 
-    def __init__(self, in_channels: int, formulation: Formulation, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, formulation: Formulation, *, drop_rate: float = 0.0
+    ) -> None:
         super().__init__()
         self.formulation = formulation
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
@@ -73,7 +75,7 @@ class Projection(nn.Sequential):
     followed by the same final ``Linear(C, C)``; i.e. an MLP with d hidden layers of width C.
     """
 
-    def __init__(self, in_features: int, out_features: int, depth: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, *, depth: int = 0) -> None:
         if depth < 0:
             raise ValueError(f"model.proj_depth={depth} must be >= 0")
         layers: list[nn.Module] = []
@@ -95,6 +97,9 @@ class GLAEHead(AgeHead):
     embedding (eq. 8), dropout, then the classifier ``Linear(C, K)`` whose softmax is p^hol
     (eq. 9). The projection's input size K * H' * W' is fixed at construction, so the head is
     built for one backbone map size ``in_size`` (from the input image size).
+
+    ``r``, ``kernel_size`` and ``stride`` are FR's (``FeatureRearrangement``) and keyword-only:
+    three ints in a row are too easy to swap, and a swapped kernel/stride still builds.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class GLAEHead(AgeHead):
         in_channels: int,
         in_size: Sequence[int],
         formulation: Formulation,
+        *,
         r: int = 16,
         kernel_size: int = 16,
         stride: int = 16,
@@ -116,12 +122,19 @@ class GLAEHead(AgeHead):
                 "head=linear for mse/mae/ordinal"
             )
         self.formulation = formulation
-        k = formulation.num_classes
-        self.fr = FeatureRearrangement(in_channels, r, kernel_size, stride, k, in_size=in_size)
-        h, w = self.fr.output_size(*self.fr.in_size)  # type: ignore[misc]
-        self.proj = Projection(k * h * w, in_channels, proj_depth)
+        num_classes = formulation.num_classes
+        self.fr = FeatureRearrangement(
+            in_channels,
+            r=r,
+            kernel_size=kernel_size,
+            stride=stride,
+            num_classes=num_classes,
+            in_size=in_size,
+        )
+        height, width = self.fr.output_size(*self.fr.in_size)  # type: ignore[misc]
+        self.proj = Projection(num_classes * height * width, in_channels, depth=proj_depth)
         self.drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(in_channels, k)
+        self.classifier = nn.Linear(in_channels, num_classes)
 
     def classifier_layers(self) -> list[nn.Module]:
         return [self.classifier]

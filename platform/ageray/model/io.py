@@ -105,8 +105,10 @@ def save_model(
     }
     text = json.dumps(info, indent=2, default=_json_default)
     state = _state_for_save(model)
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / INFO, lambda p: p.write_text(text))
+    _atomic_write(
+        folder / WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"})
+    )
+    _atomic_write(folder / INFO, lambda path: path.write_text(text))
     return folder
 
 

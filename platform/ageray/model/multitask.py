@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .formulation import Formulation, expected_age
+from .formulation import Formulation, age_from_probs
 from .heads import AgeHead
 
 __all__ = ["DeepMultiTask", "HybridMultiTask", "ParallelMultiTask", "SideBranch"]
@@ -43,6 +43,7 @@ class ParallelMultiTask(AgeHead):
         self,
         age_head: AgeHead,
         in_channels: int,
+        *,
         num_genders: int = 2,
         num_races: int = 5,
         drop_rate: float = 0.0,
@@ -79,6 +80,7 @@ class SideBranch(nn.Sequential):
     def __init__(
         self,
         in_channels: int,
+        *,
         num_outputs: int,
         reduce: int = 128,
         hidden: int = 128,
@@ -103,12 +105,14 @@ class DeepMultiTask(AgeHead):
     """Age at the last feature map; race and gender side branches on earlier stage maps.
 
     ``race_index`` / ``gender_index`` index ``Backbone.feature_info`` (non-negative); the
-    model's forward passes those stage maps in ``stages``.
+    model's forward passes those stage maps in ``stages``. Everything after ``age_head`` is
+    keyword-only: seven ints in a row (indices, channels, class counts) swap silently.
     """
 
     def __init__(
         self,
         age_head: AgeHead,
+        *,
         race_index: int,
         race_channels: int,
         gender_index: int,
@@ -127,8 +131,9 @@ class DeepMultiTask(AgeHead):
         self.race_index = race_index
         self.gender_index = gender_index
         self.stage_indices = tuple(sorted({*age_head.stage_indices, race_index, gender_index}))
-        self.race = SideBranch(race_channels, num_races, reduce, hidden, drop_rate)
-        self.gender = SideBranch(gender_channels, num_genders, reduce, hidden, drop_rate)
+        branch = {"reduce": reduce, "hidden": hidden, "drop_rate": drop_rate}
+        self.race = SideBranch(race_channels, num_outputs=num_races, **branch)
+        self.gender = SideBranch(gender_channels, num_outputs=num_genders, **branch)
 
     def classifier_layers(self) -> list[nn.Module]:
         return self.age.classifier_layers()
@@ -157,6 +162,7 @@ class HybridMultiTask(AgeHead):
         self,
         in_channels: int,
         formulation: Formulation,
+        *,
         num_genders: int = 2,
         num_races: int = 5,
         drop_rate: float = 0.0,
@@ -203,8 +209,8 @@ class HybridMultiTask(AgeHead):
             p_n = torch.softmax(raw.float(), -1)
             p = torch.einsum("bn,bnk->bk", g, p_n)
             out["logits"] = torch.log(p.clamp_min(_TINY32))
-            out["age"] = expected_age(p)
-            out["group_ages"] = expected_age(p_n)
+            out["age"] = age_from_probs(p)
+            out["group_ages"] = age_from_probs(p_n)
         elif form.name == "ordinal":
             q_n = torch.sigmoid(raw.float())
             q = torch.einsum("bn,bnk->bk", g, q_n)

@@ -40,6 +40,7 @@ COLUMNS = (*TEXT_COLUMNS[:4], "trunk", "fr", "proj", "classifier", "total", "eva
 
 def glae_parameter_table(
     backbones: Sequence[str] = ("resnet18", "resnet50"),
+    *,
     depths: Sequence[int] = (0, 1, 2),
     image_size: int = 224,
 ) -> list[dict[str, object]]:
@@ -72,8 +73,8 @@ def glae_parameter_table(
     return rows
 
 
-def _m(n: object) -> str:
-    return f"{int(n) / 1e6:.3f}M"  # type: ignore[call-overload]
+def _millions(count: object) -> str:
+    return f"{int(count) / 1e6:.3f}M"  # type: ignore[call-overload]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = glae_parameter_table(args.backbones, image_size=args.image_size)
     cols = COLUMNS
-    table = [[str(r[c]) if c in TEXT_COLUMNS else _m(r[c]) for c in cols] for r in rows]
+    table = [[str(r[c]) if c in TEXT_COLUMNS else _millions(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
     print(f"GLAE parameter counts at {args.image_size} px (FR r=16, k=16, s=16)")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
