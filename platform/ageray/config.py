@@ -22,6 +22,7 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -46,9 +47,12 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "config_keys",
     "dump_yaml",
     "flatten",
+    "get_dotted",
     "load_config",
+    "set_dotted",
     "to_dict",
 ]
 
@@ -484,6 +488,52 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_keys() -> dict[str, Any]:
+    """Every leaf config key (``model.fr_kernel`` ...) -> its annotated type."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+            else:
+                out[key] = tp
+
+    walk(Config, "")
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(d, "model.fr_kernel", 16)`` on a nested config dict.
+
+    Missing (or null) sections are created; a section that holds a value is an error, so
+    ``model.fr_kernel.x=1`` cannot silently replace ``fr_kernel``.
+    """
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(data: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """``get_dotted(d, "model.fr_kernel")`` on a nested config dict; ``default`` if absent."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``key.path=value`` strings to a nested dict (values parsed as YAML scalars)."""
     for item in overrides or []:
@@ -491,16 +541,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             raise ConfigError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
-        node = data
-        parts = path.strip().split(".")
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: '{part}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        try:
+            set_dotted(data, path, value)
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from exc
     return data
 
 

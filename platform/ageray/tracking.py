@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +40,7 @@ from ageray.config import Config, dump_yaml, flatten, to_dict
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FoundRun",
     "RunLogger",
     "Tracker",
     "TrackingUnavailable",
@@ -233,6 +234,15 @@ class RunLogger:
             self._c().log_artifact(self.run_id, str(path), artifact_path)
 
 
+@dataclass(frozen=True)
+class FoundRun:
+    """A run found by its tags: its id, status and tags (plain data, no MLflow types)."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
 @dataclass
 class Tracker:
     """Driver-side MLflow: experiment, parent pipeline run, child stage runs, registry.
@@ -274,12 +284,60 @@ class Tracker:
             ) from exc
 
     # --------------------------------------------------------------- runs
-    def _find(self, tags: Mapping[str, str]) -> str | None:
+    def find_run(self, tags: Mapping[str, str]) -> FoundRun | None:
+        """The newest run of this experiment that carries every one of ``tags`` (None when
+        there is none or tracking is off): how a resumed job finds its runs again."""
+        if not self.enabled:
+            return None
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs(
             [self.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"]
         )
-        return runs[0].info.run_id if runs else None
+        if not runs:
+            return None
+        run = runs[0]
+        return FoundRun(run.info.run_id, run.info.status, dict(run.data.tags))
+
+    def _find(self, tags: Mapping[str, str]) -> str | None:
+        found = self.find_run(tags)
+        return found.run_id if found else None
+
+    def open_tagged_run(
+        self,
+        tags: Mapping[str, str],
+        *,
+        run_name: str,
+        stage: str,
+        parent_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        attempts_tag: str | None = None,
+    ) -> str | None:
+        """The one run that ``tags`` name (a Tune trial: its search and trial id), found
+        again or created.
+
+        Found (a retried or resumed attempt): its status goes back to RUNNING and
+        ``attempts_tag`` counts the attempt. Created: ``tags`` plus this pipeline's and
+        ``stage``'s tags, under ``parent_id``, with the config and ``params`` logged. So
+        every attempt of the same thing writes into one run.
+        """
+        if not self.enabled:
+            return None
+        found = self.find_run(tags)
+        if found is not None:
+            self.client.update_run(found.run_id, status="RUNNING")
+            if attempts_tag:
+                attempts = int(found.tags.get(attempts_tag, "1")) + 1
+                self.set_tags(found.run_id, {attempts_tag: attempts})
+            return found.run_id
+        all_tags = {**tags, TAG_PIPELINE: self.cfg.run.name, TAG_STAGE: stage}
+        if attempts_tag:
+            all_tags[attempts_tag] = "1"
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+        self.log_config(run_id, extra=dict(params or {}))
+        return run_id
 
     def start_pipeline(self, kind: str = "train", resume: bool = True) -> str | None:
         """The parent run for this pipeline (found again by run name when resuming)."""
@@ -376,6 +434,16 @@ class Tracker:
         if self.enabled and run_id:
             for k, v in tags.items():
                 self.client.set_tag(run_id, k, str(v))
+
+    def delete_tags(self, run_id: str | None, keys: Iterable[str]) -> None:
+        """Remove tags that no longer hold (a stale error after a successful retry)."""
+        if self.enabled and run_id:
+            for key in keys:
+                self.client.delete_tag(run_id, key)
+
+    def logged_steps(self, run_id: str | None, key: str = "epoch") -> set[int]:
+        """Steps at which ``key`` is in the run's metric history (what not to log again)."""
+        return RunLogger(self.uri, run_id, self.enabled).logged_steps(key)
 
     def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None):
         if not (self.enabled and run_id):

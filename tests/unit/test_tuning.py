@@ -34,6 +34,7 @@ from ageray.tuning import (
     plot_metric_vs_params,
     resolve_sample,
     trial_config,
+    trial_driver,
     trial_resources,
     write_best_recipe,
     write_csv,
@@ -410,7 +411,8 @@ def test_searchers_sample_the_space_tune_sees():
     each sample decodes back to config values. No Ray cluster: searchers are plain objects."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from ageray.tuning import _searcher, tune_param_space
+    from ageray.tuning import tune_param_space
+    from ageray.tuning.algorithms import make_searcher
 
     data = {
         "params": {
@@ -426,10 +428,36 @@ def test_searchers_sample_the_space_tune_sees():
 
     data["search"] = {"algorithm": "optuna", "num_samples": 3, "seed": 1}
     space = parse_space(data)
-    searcher = _searcher(space, 1)
+    searcher = make_searcher(space, 1)
     assert searcher.set_search_properties("val_mae", "min", tune_param_space(space))
     for i in range(3):
         sample = searcher.suggest(f"t{i}")
         out = resolve_sample(space, sample, base())
         assert out["model.fr_kernel"] in (16, 32) and out["model.proj_depth"] in (0, 1, 2)
         assert 1e-3 <= out["train.stage1.optim.lr"] <= 1.0
+
+
+def test_tune_state_saved_before_the_package_split_still_loads():
+    """Tune pickles its state (the RunConfig's callbacks, the TuneConfig's trial folder
+    namer) and Train its callbacks by module path. A search started when tuning was one
+    module (``ageray.tuning.SearchMonitor``, ``ageray.tuning._trial_dirname``, ...) must still
+    resume: ``data/tune_state_before_split.pkl`` was written by that module with Ray's
+    cloudpickle (those objects, as Tune saves them) and must load into today's classes."""
+    import pickletools
+
+    import ray.cloudpickle as cloudpickle
+
+    from ageray.tuning.callbacks import SearchMonitor, TrialReportCallback
+    from ageray.tuning.search import _trial_dirname
+
+    blob = (Path(__file__).parent / "data" / "tune_state_before_split.pkl").read_bytes()
+    strings = [arg for _, arg, _ in pickletools.genops(blob) if isinstance(arg, str)]
+    assert "ageray.tuning" in strings and "ageray.tuning.callbacks" not in strings  # old paths
+    state = cloudpickle.loads(blob)
+    (monitor,) = state["callbacks"]
+    assert type(monitor) is SearchMonitor
+    assert monitor.epochs == 2 and monitor.space_raw["params"]["model.proj_depth"]
+    (report,) = state["train_callbacks"]
+    assert type(report) is TrialReportCallback and report.weight == 0.25
+    assert state["trial_dirname_creator"] is _trial_dirname
+    assert state["trainable"] is trial_driver
