@@ -10,7 +10,7 @@ pipeline (resize, normalise), each measured on the same N encoded images:
 * **floor** — ``decode_image(bytes)`` + the transform, in a tight loop in one process (one
   core), no pipeline around it. Decoding is included because the pipelines decode too: what
   a pipeline costs on top of this is its overhead.
-* **shards** — ``ageray.data.stream.train_loader`` / ``eval_loader`` over tar shards of the
+* **shards** — ``ageray.data.loader.train_loader`` / ``eval_loader`` over tar shards of the
   same images (local files in /tmp), with W DataLoader workers (forkserver), batch 64.
 * **plain** — ``torch.utils.data.DataLoader`` over the same images as loose ``.jpg`` files
   (a map-style Dataset that reads, decodes and transforms), W workers, batch 64, same
@@ -236,7 +236,7 @@ def timed_batches(
 
 
 def run_shards(cfg: Any, train: bool, n: int) -> Result:
-    from ageray.data.stream import eval_loader, train_loader
+    from ageray.data.loader import eval_loader, train_loader
 
     if train:
         loader = train_loader(cfg, "train", seed=1)

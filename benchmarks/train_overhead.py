@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = tmp / "shards"
         t0 = time.perf_counter()
         what = make_shards(kind, args.images, args.val_images, args.image_size, shards)
-        from ageray.data.stream import read_manifest
+        from ageray.data.manifest import read_manifest
 
         counts = {k: v["count"] for k, v in read_manifest(str(shards))["splits"].items()}
         print(f"[bench] data: {what}: {counts} in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -48,7 +48,7 @@ def _free_port(preferred: int) -> int:
 
 def sample_images(shards: str, split: str, per_group: int = 2) -> list[tuple[str, float, bytes]]:
     """A few encoded test images across the age groups (key, age, JPEG bytes)."""
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
 
     manifest = read_manifest(shards)
     groups = {(0, 17): [], (18, 65): [], (66, 200): []}

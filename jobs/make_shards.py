@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     from ageray.data.importers import IMPORTERS
+    from ageray.data.manifest import summarize
     from ageray.data.records import ImportReport
-    from ageray.data.shards import align_transform, parse_splits, summarize, write_shards
+    from ageray.data.shards import align_transform, parse_splits, write_shards
 
     try:
         splits = parse_splits(args.splits)

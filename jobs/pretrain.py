@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
     from ageray.tracking import Tracker
     from ageray.training.driver import run_stage_on_ray
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
     from ageray.evaluation import evaluate_for_config, format_table
     from ageray.tracking import Tracker, log_model, resolve_model_dir
     from ageray.training.driver import local_run_dir, run_stage_on_ray

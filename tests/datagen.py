@@ -77,7 +77,7 @@ def write_manual_shards(
 ) -> dict[str, Any]:
     """Write ``(name, tar bytes or b"" for a missing file, declared count)`` shards and a
     manifest for them under ``root``; returns the manifest."""
-    from ageray.data.shards import FORMAT
+    from ageray.data.manifest import FORMAT
 
     infos = []
     for name, data, count in shards:

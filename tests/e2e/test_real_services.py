@@ -250,7 +250,7 @@ def _a_test_image(shards: str) -> bytes:
 
     sys.path.insert(0, str(ROOT / "platform"))
     from ageray.data import storage
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
 
     manifest = read_manifest(shards)
     shard = manifest["splits"]["test"]["shards"][0]["name"]

@@ -23,8 +23,9 @@ from datagen import make_records
 
 from ageray.config import DataConfig
 from ageray.data import storage
+from ageray.data.loader import eval_loader, train_loader
+from ageray.data.manifest import read_manifest
 from ageray.data.shards import write_shards
-from ageray.data.stream import eval_loader, read_manifest, train_loader
 
 pytestmark = pytest.mark.integration
 

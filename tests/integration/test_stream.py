@@ -12,8 +12,9 @@ import torch
 from datagen import jpeg, label, make_records, tar_bytes, write_manual_shards
 
 from ageray.config import DataConfig
+from ageray.data.loader import eval_loader, train_loader
+from ageray.data.manifest import read_manifest
 from ageray.data.shards import stable_unit, write_shards
-from ageray.data.stream import eval_loader, plan_slot, read_manifest, train_loader, train_steps
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +64,6 @@ def split_keys(root: Path, split: str) -> list[str]:
         with tarfile.open(root / s["name"]) as tar:
             keys += [n.split(".")[0] for n in tar.getnames() if n.endswith(".json")]
     return keys
-
-
-def test_plan_slot_partitions_shards_or_samples() -> None:
-    assert plan_slot(10, 1, 4) == ([1, 5, 9], None)
-    assert plan_slot(3, 2, 4) == ([0, 1, 2], 2)
-    with pytest.raises(ValueError):
-        plan_slot(3, 4, 4)
-    assert train_steps(100, 2, 8, None) == 6
-    assert train_steps(5, 2, 8, None) == 1
-    assert train_steps(100, 2, 8, 17) == 17
 
 
 @pytest.mark.parametrize("layout", ["many", "few"])
@@ -354,7 +345,7 @@ def test_streams_inside_ray_workers(datasets: dict[str, Path], ray_local) -> Non
     def rank_keys(cfg: DataConfig, split: str, rank: int, world_size: int) -> dict:
         """What one Ray Train worker does: an eval pass and a train epoch for its rank.
         (Nested, so Ray ships it by value: the test module is not importable there.)"""
-        from ageray.data.stream import eval_loader, train_loader
+        from ageray.data.loader import eval_loader, train_loader
 
         loader = eval_loader(cfg, split, rank=rank, world_size=world_size)
         keys = [k for b in loader for k in b["key"]]

@@ -29,8 +29,8 @@ import yaml
 from safetensors.torch import load_file
 
 from ageray.config import Config, load_config
+from ageray.data.manifest import read_manifest
 from ageray.data.shards import write_shards
-from ageray.data.stream import read_manifest
 from ageray.data.synthetic import iter_synthetic
 from ageray.training.checkpoint import load_state, restore
 from ageray.training.context import LocalContext, fault_marker

@@ -998,7 +998,7 @@ def test_runtime_env_uploads_the_code_and_not_the_bulk() -> None:
         for p in (ROOT / folder).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)
     ]
-    assert "platform/ageray/data/stream.py" in code
+    assert "platform/ageray/data/loader.py" in code
     assert [p for p in code if not uploaded(p, excludes)] == []
     for bulk in (
         ".venv/bin/python",
@@ -1014,7 +1014,7 @@ def test_runtime_env_uploads_the_code_and_not_the_bulk() -> None:
 def test_upload_check_catches_an_unanchored_exclude() -> None:
     """`data` (no leading slash) matches at any depth and drops the library's data package."""
     excludes = [*_runtime_env()["excludes"], "data"]
-    assert not uploaded("platform/ageray/data/stream.py", excludes)
+    assert not uploaded("platform/ageray/data/loader.py", excludes)
 
 
 # ======================================================================================

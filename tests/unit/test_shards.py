@@ -19,9 +19,10 @@ import pytest
 from datagen import jpeg, make_records
 
 from ageray.data import shards as shards_mod
+from ageray.data.manifest import summarize
 from ageray.data.records import ImportReport, Record
 from ageray.data.samplers import age_class
-from ageray.data.shards import assign_split, parse_splits, summarize, write_shards
+from ageray.data.shards import assign_split, parse_splits, write_shards
 
 
 def read_samples(root: Path) -> dict[str, dict[str, dict]]:
@@ -357,7 +358,7 @@ def _tar(fmt: int, members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
 def test_stream_tar_reader_matches_tarfile(fmt: int) -> None:
     import io
 
-    from ageray.data.stream import tar_members
+    from ageray.data.tario import tar_members
 
     long = "k" * (150 if fmt != tarfile.USTAR_FORMAT else 90)
     members = [
@@ -376,7 +377,7 @@ def test_stream_tar_reader_matches_tarfile(fmt: int) -> None:
 def test_stream_tar_reader_rejects_corrupt_and_truncated_data() -> None:
     import io
 
-    from ageray.data.stream import tar_members
+    from ageray.data.tario import tar_members
 
     data = _tar(tarfile.PAX_FORMAT, [("a.jpg", b"1" * 1000), ("a.json", b"{}")])
     corrupt = bytearray(data)

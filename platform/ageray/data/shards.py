@@ -36,11 +36,11 @@ deletes shards of the earlier run that the new manifest does not list (e.g. it h
 shards, or other splits) and temporary files of crashed runs. A crash at any point leaves
 either no manifest or a manifest whose shards all exist. One writer per output at a time.
 
-**Manifest.** As in docs/design.md, plus: each shard's ``age_hist`` (a class-balanced stream
-reads shards covering every age first), ``skipped`` / ``skipped_total`` /
-``skipped_examples`` for records the writer dropped (``not_image``, ``truncated``,
-``bad_age``, ``duplicate_key``, ``transform_dropped``, ``transform_error``; the importer's
-own skips are under ``import``) and ``align.enabled``.
+**Manifest.** As in docs/design.md (its format lives in ``ageray.data.manifest``), plus:
+each shard's ``age_hist`` (a class-balanced stream reads shards covering every age first),
+``skipped`` / ``skipped_total`` / ``skipped_examples`` for records the writer dropped
+(``not_image``, ``truncated``, ``bad_age``, ``duplicate_key``, ``transform_dropped``,
+``transform_error``; the importer's own skips are under ``import``) and ``align.enabled``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import re
 import tarfile
 import tempfile
 import threading
@@ -66,29 +65,28 @@ from PIL import Image
 from tqdm import tqdm
 
 from ageray.data import storage
+from ageray.data.manifest import (
+    FORMAT,
+    SHARD_NAME,
+    SPLIT_NAME,
+    remove_manifest,
+    split_stats,
+    write_manifest,
+)
 from ageray.data.records import ImportReport, Record
 from ageray.data.samplers import age_class
 from ageray.data.transforms import CorruptImageError, decode_image
 
 __all__ = [
-    "FORMAT",
-    "LABEL_FIELDS",
-    "MANIFEST",
     "align_transform",
     "assign_split",
     "parse_splits",
     "stable_unit",
-    "summarize",
     "write_shards",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ageray-shards/1"
-MANIFEST = "manifest.json"
-LABEL_FIELDS = ("age", "age_std", "gender", "race", "identity", "box")
-SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/(?P=split)-\d{6}\.tar$")
-SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _BLOCK = tarfile.BLOCKSIZE
 DEFAULT_SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -186,7 +184,7 @@ class _Entry:
 
 
 @dataclass
-class _Prepared:
+class _Checked:
     record: Record | None
     image: bytes = b""
     ext: str = ""
@@ -196,15 +194,15 @@ class _Prepared:
     detail: str = ""
 
 
-def _prepare(
+def _check_record(
     record: Record, transform: Callable[[Record], Record | None] | None, verify: bool
-) -> _Prepared:
+) -> _Checked:
     """Runs in a pool thread: verify the image decodes (so a corrupt file is counted as
     ``not_image``/``truncated``, not as an alignment failure), align (optional), pick the
     member extension. Returns a skip reason instead of raising for unusable records."""
     name = record.source or record.key
     if record.age is not None and not math.isfinite(float(record.age)):
-        return _Prepared(None, skip="bad_age", detail=f"{name}: age={record.age}")
+        return _Checked(None, skip="bad_age", detail=f"{name}: age={record.age}")
     data = record.image
     try:
         img = decode_image(data, name=name) if verify else None
@@ -212,23 +210,23 @@ def _prepare(
             with Image.open(io.BytesIO(data)) as probe:
                 fmt, size = probe.format, probe.size
     except CorruptImageError as exc:
-        return _Prepared(None, skip=exc.reason, detail=str(exc))
+        return _Checked(None, skip=exc.reason, detail=str(exc))
     except (OSError, SyntaxError, ValueError) as exc:  # verify=False and not an image
-        return _Prepared(None, skip="not_image", detail=f"{name}: {exc}")
+        return _Checked(None, skip="not_image", detail=f"{name}: {exc}")
     if transform is not None:
         try:
             out = transform(record)
         except (CorruptImageError, OSError, ValueError, RuntimeError) as exc:
-            return _Prepared(None, skip="transform_error", detail=f"{name}: {exc}")
+            return _Checked(None, skip="transform_error", detail=f"{name}: {exc}")
         if out is None:
-            return _Prepared(None, skip="transform_dropped", detail=name)
+            return _Checked(None, skip="transform_dropped", detail=name)
         record, data = out, out.image
         try:
             img = decode_image(data, name=name) if verify else None
             with Image.open(io.BytesIO(data)) as probe:
                 fmt, size = probe.format, probe.size
         except (CorruptImageError, OSError, SyntaxError, ValueError) as exc:
-            return _Prepared(None, skip="transform_error", detail=f"{name}: output: {exc}")
+            return _Checked(None, skip="transform_error", detail=f"{name}: output: {exc}")
     if fmt == "JPEG":
         ext = "jpg"
     elif fmt == "PNG":
@@ -240,7 +238,7 @@ def _prepare(
         img.save(buf, "PNG")
         data, ext = buf.getvalue(), "png"
     box = getattr(record, "box", None)
-    return _Prepared(record, image=data, ext=ext, size=size, box=list(box) if box else None)
+    return _Checked(record, image=data, ext=ext, size=size, box=list(box) if box else None)
 
 
 class _Staging:
@@ -254,7 +252,7 @@ class _Staging:
         self.offset = 0
         self._fd: int | None = None
 
-    def add(self, prep: _Prepared) -> None:
+    def add(self, prep: _Checked) -> None:
         rec = prep.record
         assert rec is not None
         self._fh.write(prep.image)
@@ -436,41 +434,6 @@ def _cut_shards(
     return plans
 
 
-def _split_stats(plans: list[_ShardPlan], shard_infos: list[dict[str, Any]]) -> dict[str, Any]:
-    entries = [e for p in plans for e in p.entries]
-    hist: Counter[int] = Counter()
-    present: set[str] = set()
-    identities: set[str] = set()
-    for e in entries:
-        c = age_class(e.age, 10**9)  # keep real ages (e.g. 116) in the histogram
-        if c is not None:
-            hist[c] += 1
-        for name in LABEL_FIELDS:
-            value = e.identity if name == "identity" else getattr(e, name)
-            if value is not None:
-                present.add(name)
-        if e.identity is not None:
-            identities.add(e.identity)
-    if entries:
-        ws = [e.width for e in entries]
-        hs = [e.height for e in entries]
-        size = {
-            "min": [min(ws), min(hs)],
-            "max": [max(ws), max(hs)],
-            "mean": [round(sum(ws) / len(ws), 2), round(sum(hs) / len(hs), 2)],
-        }
-    else:
-        size = {"min": None, "max": None, "mean": None}
-    return {
-        "count": len(entries),
-        "shards": shard_infos,
-        "age_hist": {str(k): v for k, v in sorted(hist.items())},
-        "fields": [f for f in LABEL_FIELDS if f in present],
-        "image_size": size,
-        "identities": len(identities),
-    }
-
-
 # --------------------------------------------------------------------------------------
 # The writer
 # --------------------------------------------------------------------------------------
@@ -589,10 +552,10 @@ def _pass1(
 ) -> None:
     """Import -> (transform, verify) in a thread pool, results consumed in input order so the
     outcome is deterministic; at most ``4 * workers`` records in flight."""
-    inflight: deque[Future[_Prepared]] = deque()
+    inflight: deque[Future[_Checked]] = deque()
     bar = tqdm(desc="import", unit="img", disable=not progress, smoothing=0.1)
 
-    def consume(fut: Future[_Prepared]) -> None:
+    def consume(fut: Future[_Checked]) -> None:
         prep = fut.result()
         bar.update(1)
         if prep.skip is not None:
@@ -610,7 +573,7 @@ def _pass1(
             for rec in records:
                 if not isinstance(rec, Record):
                     raise TypeError(f"write_shards expects Record objects, got {type(rec)!r}")
-                inflight.append(pool.submit(_prepare, rec, transform, verify))
+                inflight.append(pool.submit(_check_record, rec, transform, verify))
                 while len(inflight) >= 4 * workers:
                     consume(inflight.popleft())
             while inflight:
@@ -650,8 +613,7 @@ def _pass2(
         plans[name] = _cut_shards(name, ordered, max_count, max_bytes)
     all_plans = [p for ps in plans.values() for p in ps]
 
-    manifest_url = storage.join(output, MANIFEST)
-    storage.remove(manifest_url)  # readers must not pair an old manifest with new shards
+    remove_manifest(output)  # readers must not pair an old manifest with new shards
     infos: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
     bar = tqdm(total=len(all_plans), desc="shards", unit="shard", disable=not progress)
@@ -674,10 +636,11 @@ def _pass2(
     manifest: dict[str, Any] = dict(header)
     manifest["num_identities"] = len(identities)
     manifest["splits"] = {
-        name: _split_stats(ps, [infos[p.name] for p in ps]) for name, ps in plans.items()
+        name: split_stats((e for p in ps for e in p.entries), [infos[p.name] for p in ps])
+        for name, ps in plans.items()
     }
     manifest.update(footer)
-    storage.write_json(manifest_url, manifest)
+    write_manifest(output, manifest)
     _remove_stale(output, {p.name for p in all_plans})
     return manifest
 
@@ -718,40 +681,3 @@ def align_transform(aligner: Any, *, quality: int = 95) -> Callable[[Record], Re
         return new
 
     return transform
-
-
-# --------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------
-
-
-def summarize(manifest: Mapping[str, Any], where: str = "") -> str:
-    """A few lines a person can read at the end of ``jobs.make_shards``."""
-    lines = []
-    total = 0
-    for name, split in manifest.get("splits", {}).items():
-        total += split["count"]
-        ids = f", {split['identities']} identities" if split.get("identities") else ""
-        lines.append(
-            f"  {name:<6} {split['count']:>7} samples in {len(split['shards']):>4} shard(s)"
-            f"{ids}; labels: {', '.join(split['fields']) or '-'}"
-        )
-    imp = manifest.get("import") or {}
-    skipped = manifest.get("skipped") or {}
-    head = f"{manifest.get('source') or 'records'}: {total} samples written"
-    if imp:
-        head += (
-            f" (imported {imp.get('imported', 0)}, importer skipped {imp.get('skipped_total', 0)})"
-        )
-    lines.insert(0, head)
-    if skipped:
-        lines.append(
-            "  writer skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
-        )
-    align = manifest.get("align") or {}
-    if align.get("enabled"):
-        stats = {k: v for k, v in align.items() if k != "enabled"}
-        lines.append("  alignment: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-    if where:
-        lines.append(f"  manifest: {storage.join(where, MANIFEST)}")
-    return "\n".join(lines)

@@ -92,7 +92,7 @@ def say(message: str) -> None:
 def alignment_meta(shards: str) -> dict[str, Any]:
     """How the training shards' faces were aligned, for model.json: Serve must crop request
     images exactly like the shard writer did (same FaceAligner settings)."""
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
 
     options = read_manifest(shards).get("options") or {}
     if not options.get("align"):
@@ -144,7 +144,7 @@ def collect_predictions(
     and ``routed_age``, ``routed_choice``, ``bigger_age``, ``bigger_choice`` when the model
     has two heads. Every rank gets the merged arrays, so every rank reports equal metrics.
     """
-    from ageray.data.stream import eval_loader
+    from ageray.data.loader import eval_loader
 
     bare = unwrap(model)
     was_training = bare.training
@@ -324,7 +324,7 @@ def plan_for(cfg: Config, spec: StageSpec) -> StagePlan:
 
 def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str, float]:
     """Train one stage on this worker. Returns the last epoch's metrics."""
-    from ageray.data.stream import train_loader
+    from ageray.data.loader import train_loader
     from ageray.tracking import RunLogger
 
     spec = spec if isinstance(spec, StageSpec) else StageSpec(**spec)

@@ -82,7 +82,7 @@ class IdentityNet(nn.Module):
 
 def plan_pretrain(cfg: Config, spec) -> Any:
     """The StagePlan for identity pretraining."""
-    from ageray.data.stream import read_manifest
+    from ageray.data.manifest import read_manifest
     from ageray.training.loop import StagePlan
 
     shards = cfg.pretrain.shards or cfg.data.shards
