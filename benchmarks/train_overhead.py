@@ -139,7 +139,8 @@ def config(shards: Path, storage: Path, name: str, args: argparse.Namespace):
 def run_local_once(cfg: Any, workdir: Path) -> dict[str, float]:
     import torch
 
-    from ageray.training.loop import run_local, spec_for
+    from ageray.training.loop import run_local
+    from ageray.training.plans import spec_for
 
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # what Ray gives its worker
     t0 = time.perf_counter()

@@ -60,16 +60,22 @@ def evaluate_model(
     num_workers: int = 1,
 ) -> dict[str, Any]:
     """Predictions of every row for every sample of ``split`` (arrays keyed by name)."""
+    import torch
+
+    from ageray.data.loader import eval_loader
+    from ageray.inference import collect_predictions
     from ageray.model import load_model
-    from ageray.training.context import LocalContext
-    from ageray.training.loop import collect_predictions
 
     model, info = load_model(model_dir)
     cfg = eval_config(info, shards, split, batch_size)
     cfg.data.num_workers = num_workers
-    ctx = LocalContext()
-    model = model.to(ctx.device)
-    preds = collect_predictions(model, cfg, split, ctx, flip=flip)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    # On GPU the stream hands uint8 images to the device and normalises them there.
+    loader = eval_loader(
+        cfg.data, split, rank=0, world_size=1, device=device if device.type == "cuda" else None
+    )
+    preds = collect_predictions(model, loader, device=device, flip=flip, amp=cfg.train.amp)
     preds["_info"] = info
     return preds
 

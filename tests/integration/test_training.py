@@ -34,8 +34,9 @@ from ageray.data.shards import write_shards
 from ageray.data.synthetic import iter_synthetic
 from ageray.training.checkpoint import load_state, restore
 from ageray.training.context import LocalContext, fault_marker
-from ageray.training.loop import plan_for, run_local, run_stage, spec_for
+from ageray.training.loop import run_local, run_stage
 from ageray.training.optim import build_optimizer, build_scheduler
+from ageray.training.plans import plan_for, spec_for
 
 pytestmark = pytest.mark.integration
 

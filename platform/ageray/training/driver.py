@@ -21,7 +21,8 @@ from typing import Any
 
 from ageray.config import Config, to_dict
 from ageray.training.checkpoint import materialize
-from ageray.training.loop import StageSpec, train_worker
+from ageray.training.loop import train_worker
+from ageray.training.plans import StageSpec
 
 __all__ = ["StageResult", "init_ray", "local_run_dir", "run_stage_on_ray", "storage_args"]
 

@@ -1,27 +1,25 @@
 """The per-worker training loop of each stage: ``stage1`` (representation), ``stage2``
 (balanced classifier on the frozen backbone) and ``pretrain`` (identity, AM-softmax).
 
-One loop, three stage plans. A :class:`StagePlan` says what differs between stages (how the
-model is built, which parameters train, which head the loss reads, which sampler feeds it);
-:func:`run_stage` does what is common: resume, epochs of equal step counts on every rank,
+One loop, three stage plans. A :class:`~ageray.training.plans.StagePlan` says what differs
+between stages (how the model is built, which parameters train, which head the loss reads,
+which sampler feeds it; see :mod:`ageray.training.plans`); :func:`run_stage` does what is
+common: resume, epochs of equal step counts on every rank,
 validation over every sample exactly once, a checkpoint and one ``report`` per epoch on every
 rank (``ray.train.report`` is a barrier), metric logging from rank 0 only.
 
 Entry points: :func:`train_worker` for ``TorchTrainer`` (``train_loop_config`` is a
-:class:`StageSpec` as a dict), :func:`run_stage` with a :class:`~ageray.training.context.
-LocalContext` for tests and benchmarks.
+:class:`~ageray.training.plans.StageSpec` as a dict), :func:`run_stage` with a
+:class:`~ageray.training.context.LocalContext` for tests and benchmarks (:func:`run_local`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ageray.config import Config, config_from_dict, to_dict
-from ageray.training.checkpoint import load_state, materialize, restore, save_checkpoint, unwrap
+from ageray.config import config_from_dict
+from ageray.inference import autocast
+from ageray.training.checkpoint import load_state, restore, save_checkpoint, unwrap
 from ageray.training.context import (
     LocalContext,
     RayTrainContext,
@@ -40,43 +39,9 @@ from ageray.training.context import (
     maybe_inject_fault,
 )
 from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
+from ageray.training.plans import StageSpec, plan_for
 
-__all__ = ["StagePlan", "StageSpec", "run_stage", "train_worker"]
-
-STAGES = ("pretrain", "stage1", "stage2")
-
-
-@dataclass
-class StageSpec:
-    """What the driver hands every worker (plain data: it crosses process boundaries)."""
-
-    stage: str
-    config: dict[str, Any]
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    init_model: str | None = None  # stage 2: the stage-1 model folder
-    init_backbone: str | None = None  # stage 1: identity-pretrained backbone
-    mae_ref: float | None = None  # stage 2: stage 1's validation MAE (LAE eq. 4)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class StagePlan:
-    """What one stage trains: model, trainable parameters, loss step and validation."""
-
-    model: nn.Module
-    params: list[nn.Parameter]
-    optim: Any  # OptimConfig
-    epochs: int
-    sampler: str
-    split: str
-    step: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-    validate: Callable[[nn.Module, WorkerContext], dict[str, float]] | None
-    meta: dict[str, Any] = field(default_factory=dict)
-    data_cfg: Any = None  # DataConfig when the stage reads other shards (pretraining)
+__all__ = ["run_local", "run_stage", "train_worker"]
 
 
 # ------------------------------------------------------------------------ helpers
@@ -116,207 +81,12 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (``train.amp`` auto/bf16); full precision on CPU."""
-    if device.type == "cuda" and cfg.train.amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for d in dicts:
         for k, v in (d or {}).items():
             out[k] = out.get(k, 0) + int(v)
     return out
-
-
-# ------------------------------------------------------------------------ validation
-
-
-@torch.no_grad()
-def collect_predictions(
-    model: nn.Module, cfg: Config, split: str, ctx: WorkerContext, flip: bool
-) -> dict[str, np.ndarray]:
-    """Predict every sample of ``split`` once (this rank's share), gather all ranks.
-
-    Returns numpy arrays: ``age``, ``age_std`` and per head ``<head>_age``, ``<head>_kl``,
-    and ``routed_age``, ``routed_choice``, ``bigger_age``, ``bigger_choice`` when the model
-    has two heads. Every rank gets the merged arrays, so every rank reports equal metrics.
-    """
-    from ageray.data.loader import eval_loader
-
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    loader = eval_loader(
-        cfg.data,
-        split,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        device=ctx.device if ctx.device.type == "cuda" else None,
-    )
-    parts: dict[str, list[np.ndarray]] = {}
-    keys: list[str] = []
-
-    def add(name: str, value: torch.Tensor | np.ndarray) -> None:
-        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
-
-    for batch in loader:
-        x = batch["image"].to(ctx.device, non_blocking=True)
-        with _autocast(cfg, ctx.device):
-            pred = bare.predict(x, flip=flip, rule="smaller")
-        add("age", batch["age"])
-        add("age_std", batch["age_std"])
-        keys.extend(batch["key"])
-        for head, res in pred.heads.items():
-            add(f"{head}_age", res["age"])
-            if res.get("kl") is not None:
-                add(f"{head}_kl", res["kl"])
-        add("routed_age", pred.age)
-        add("routed_choice", pred.head)
-        if "balanced" in pred.heads and pred.heads["balanced"].get("kl") is not None:
-            v, b = pred.heads["vanilla"], pred.heads["balanced"]
-            # Table IX's "bigger" rule from the same forward pass: the vanilla head answers
-            # when its KL is the bigger one, else the balanced head (mirror of eq. 11).
-            bigger_choice = (~(v["kl"] > b["kl"])).long()
-            add("bigger_age", torch.where(bigger_choice.bool(), b["age"], v["age"]))
-            add("bigger_choice", bigger_choice)
-    local = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    local_skipped = dict(getattr(loader, "skipped", {}) or {})
-    gathered = all_gather_objects((local, keys, local_skipped))
-    merged: dict[str, np.ndarray] = {}
-    names = sorted({k for g in gathered for k in g[0]})
-    for k in names:
-        merged[k] = np.concatenate([g[0][k] for g in gathered if k in g[0]])
-    merged["_keys"] = np.array([k for g in gathered for k in g[1]], dtype=object)
-    merged["_skipped"] = _sum_counts(g[2] for g in gathered)  # type: ignore[assignment]
-    if was_training:
-        bare.train()
-    return merged
-
-
-def prediction_metrics(preds: dict[str, Any], cfg: Config, prefix: str = "val") -> dict[str, float]:
-    """MAE, CMAE, AAR for every head present (vanilla, balanced, routed)."""
-    from ageray import metrics as M
-
-    y = preds["age"]
-    out: dict[str, float] = {}
-    if len(y) == 0:
-        return out
-    rows = [("vanilla", "vanilla_age"), ("balanced", "balanced_age"), ("routed", "routed_age")]
-    for row, key in rows:
-        if key not in preds:
-            continue
-        if row == "routed" and "balanced_age" not in preds:
-            continue
-        yh = preds[key]
-        tag = f"{prefix}_{row}" if row != "vanilla" else prefix
-        out[f"{tag}_mae"] = M.mae(y, yh)
-        out[f"{tag}_cmae"] = M.cmae(y, yh)
-        out[f"{tag}_aar"] = M.aar(y, yh, groups=cfg.eval.aar_groups)
-    out[f"{prefix}_samples"] = float(len(y))
-    return out
-
-
-# ------------------------------------------------------------------------ stage plans
-
-
-def _loss_step(cfg: Config, head: str, mae_ref: float | None, stage: int):
-    from ageray.losses import compute_loss
-
-    def step(model: nn.Module, batch: dict[str, torch.Tensor]):
-        out = model(batch["image"], heads=[head])
-        loss, parts = compute_loss(
-            cfg.loss, cfg.model, out[head], batch, mae_ref=mae_ref, stage=stage
-        )
-        with torch.no_grad():
-            age = out[head].get("age")
-            if age is not None:
-                parts["train_mae"] = float((age.float() - batch["age"].float()).abs().mean())
-        return loss, parts
-
-    return step
-
-
-def _stage_validate(cfg: Config):
-    def validate(model: nn.Module, ctx: WorkerContext) -> dict[str, float]:
-        preds = collect_predictions(model, cfg, cfg.data.val_split, ctx, flip=cfg.eval.flip_tta)
-        metrics = prediction_metrics(preds, cfg, "val")
-        for k, v in preds["_skipped"].items():
-            metrics[f"val_skipped_{k}"] = float(v)
-        return metrics
-
-    return validate
-
-
-def plan_stage1(cfg: Config, spec: StageSpec) -> StagePlan:
-    from ageray.model import build_model
-
-    model = build_model(cfg)  # the GLAE projection needs cfg.data.image_size
-    meta: dict[str, Any] = {}
-    # train.init_from is honoured whoever drives the stage (jobs.train, a Tune trial, tests);
-    # an explicit StageSpec.init_backbone wins.
-    init_backbone = spec.init_backbone or cfg.train.init_from
-    if init_backbone:
-        # materialize: on a cluster the backbone is in the run's storage (s3://), not here
-        model.load_backbone(str(materialize(init_backbone)))
-        meta["init_backbone"] = init_backbone
-    return StagePlan(
-        model=model,
-        params=[p for p in model.parameters() if p.requires_grad],
-        optim=cfg.train.stage1.optim,
-        epochs=cfg.train.stage1.epochs,
-        sampler=cfg.train.stage1.sampler,
-        split=cfg.data.train_split,
-        step=_loss_step(cfg, "vanilla", None, stage=1),
-        validate=_stage_validate(cfg),
-        meta=meta,
-    )
-
-
-def plan_stage2(cfg: Config, spec: StageSpec) -> StagePlan:
-    from ageray.model import load_model
-
-    if not spec.init_model:
-        raise ValueError("stage 2 needs the stage-1 model (StageSpec.init_model)")
-    model, _info = load_model(materialize(spec.init_model))
-    s2 = cfg.train.stage2
-    if "balanced" not in model.heads:
-        model.add_balanced_head(trainable=s2.trainable)
-    model.freeze_for_stage2(s2.trainable)
-    for p in model.heads["vanilla"].parameters():  # the vanilla head is final after stage 1
-        p.requires_grad_(False)
-    mae_ref = spec.mae_ref if s2.mae_term else None
-    if s2.mae_term and (mae_ref is None or not math.isfinite(mae_ref)):
-        raise ValueError(
-            "train.stage2.mae_term needs stage 1's validation MAE; run stage 1 first or pass "
-            "a stage-1 model whose model.json records metrics.val_mae"
-        )
-    return StagePlan(
-        model=model,
-        params=list(model.stage2_parameters()),
-        optim=s2.optim,
-        epochs=s2.epochs,
-        sampler=s2.sampler,
-        split=cfg.data.train_split,
-        step=_loss_step(cfg, "balanced", mae_ref, stage=2),
-        validate=_stage_validate(cfg),
-        meta={"init_model": spec.init_model, "mae_ref": mae_ref},
-    )
-
-
-def plan_for(cfg: Config, spec: StageSpec) -> StagePlan:
-    if spec.stage == "stage1":
-        return plan_stage1(cfg, spec)
-    if spec.stage == "stage2":
-        return plan_stage2(cfg, spec)
-    if spec.stage == "pretrain":
-        from ageray.training.pretrain import plan_pretrain
-
-        return plan_pretrain(cfg, spec)
-    raise ValueError(f"unknown stage {spec.stage!r}; choose one of {STAGES}")
 
 
 # ------------------------------------------------------------------------ the loop
@@ -416,7 +186,7 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
             batch = _to_device(batch, device)
             if cfg.model.channels_last and device.type == "cuda":
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with _autocast(cfg, device):
+            with autocast(device, cfg.train.amp):
                 loss, parts = plan.step(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -523,7 +293,3 @@ def run_local(
     ctx = LocalContext(workdir)
     metrics = run_stage(spec, ctx)
     return metrics, ctx
-
-
-def spec_for(cfg: Config, stage: str, **kwargs: Any) -> StageSpec:
-    return StageSpec(stage=stage, config=to_dict(cfg), **kwargs)

@@ -4,12 +4,12 @@ on images that carry identity labels; ``jobs.train`` then starts from that backb
 
 Why identities: a backbone that separates faces by person has learnt the facial detail that
 age estimation needs, from labels that are cheap to collect (LAE pretrains on MS-Celeb-1M).
-The identity head is thrown away; only ``backbone.safetensors`` is handed on.
+The identity head is thrown away; only ``backbone.safetensors`` is handed on. The stage's
+plan (shards, sampler, loss step) is :func:`ageray.training.plans.plan_pretrain`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from torch import nn
 
 from ageray.config import Config, to_dict
 
-__all__ = ["IdentityNet", "plan_pretrain"]
+__all__ = ["IdentityNet"]
 
 
 class IdentityNet(nn.Module):
@@ -78,42 +78,3 @@ class IdentityNet(nn.Module):
             "meta": meta,
         }
         (folder / "model.json").write_text(json.dumps(info, indent=2, default=float))
-
-
-def plan_pretrain(cfg: Config, spec) -> Any:
-    """The StagePlan for identity pretraining."""
-    from ageray.data.manifest import read_manifest
-    from ageray.training.loop import StagePlan
-
-    shards = cfg.pretrain.shards or cfg.data.shards
-    data_cfg = dataclasses.replace(cfg.data, shards=shards)
-    cfg = dataclasses.replace(cfg, data=data_cfg)
-    manifest = read_manifest(shards)
-    num_ids = int(manifest.get("num_identities") or 0)
-    model = IdentityNet(cfg, num_ids)
-
-    def step(m: nn.Module, batch: dict[str, torch.Tensor]):
-        ids = batch["identity"]
-        if bool((ids < 0).any()):
-            raise ValueError(
-                f"a pretraining batch holds samples without identity (keys "
-                f"{[k for k, i in zip(batch['key'], ids.tolist()) if i < 0][:3]}); "
-                "pretrain on shards whose every sample has an identity"
-            )
-        loss, logits = m(batch["image"], ids)
-        with torch.no_grad():
-            acc = float((logits.argmax(1) == ids).float().mean())
-        return loss, {"loss": float(loss.detach()), "train_acc": acc}
-
-    return StagePlan(
-        model=model,
-        params=[p for p in model.parameters() if p.requires_grad],
-        optim=cfg.pretrain.optim,
-        epochs=cfg.pretrain.epochs,
-        sampler="instance",
-        split=cfg.data.train_split,
-        step=step,
-        validate=None,
-        meta={"num_identities": num_ids, "shards": shards},
-        data_cfg=data_cfg,
-    )

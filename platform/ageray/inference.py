@@ -1,0 +1,127 @@
+"""Inference: a model and a stream of batches -> the predictions of every head and routing
+rule, and the metrics of those predictions.
+
+Why one module: training's validation and the evaluation of a saved model must predict the
+same way (GLAE's protocol: the image and its flip through both heads in one pass, Adaptive
+Routing per image), or the validation MAE that picks a checkpoint would not be the MAE the
+evaluation reports. Both call :func:`collect_predictions`; it sits below training and
+evaluation and knows nothing of ranks or Ray (training gathers each rank's part and joins
+them with :func:`merge_predictions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ageray import metrics as M
+
+__all__ = ["autocast", "collect_predictions", "merge_predictions", "prediction_metrics"]
+
+
+def autocast(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (``amp`` ``auto`` or ``bf16``, as ``train.amp``); full precision
+    on CPU or with ``amp="off"``."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def collect_predictions(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    flip: bool = True,
+    amp: str = "auto",
+) -> dict[str, Any]:
+    """Predict every batch of ``loader`` (batches with ``image``, ``age``, ``age_std``,
+    ``key``) with ``model`` (unwrapped, not DDP) in eval mode; its mode is restored after.
+
+    Returns numpy arrays: ``age``, ``age_std`` and per head ``<head>_age``, ``<head>_kl``;
+    ``routed_age`` and ``routed_choice`` (Adaptive Routing, the smaller KL answers); and
+    ``bigger_age``, ``bigger_choice`` (Table IX's mirror rule) when the model has two heads.
+    ``_keys`` holds the sample keys in order and ``_skipped`` the loader's skip counts.
+    """
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    keys: list[str] = []
+
+    def add(name: str, value: torch.Tensor | np.ndarray) -> None:
+        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
+
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            pred = model.predict(x, flip=flip, rule="smaller")
+        add("age", batch["age"])
+        add("age_std", batch["age_std"])
+        keys.extend(batch["key"])
+        for head, res in pred.heads.items():
+            add(f"{head}_age", res["age"])
+            if res.get("kl") is not None:
+                add(f"{head}_kl", res["kl"])
+        add("routed_age", pred.age)
+        add("routed_choice", pred.head)
+        if "balanced" in pred.heads and pred.heads["balanced"].get("kl") is not None:
+            v, b = pred.heads["vanilla"], pred.heads["balanced"]
+            # Table IX's "bigger" rule from the same forward pass: the vanilla head answers
+            # when its KL is the bigger one, else the balanced head (mirror of eq. 11).
+            bigger_choice = (~(v["kl"] > b["kl"])).long()
+            add("bigger_age", torch.where(bigger_choice.bool(), b["age"], v["age"]))
+            add("bigger_choice", bigger_choice)
+    if was_training:
+        model.train()
+    out: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
+    out["_keys"] = np.array(keys, dtype=object)
+    out["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
+    return out
+
+
+def merge_predictions(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Join :func:`collect_predictions` results of several ranks (each predicted its share
+    of the split) into one, in rank order: arrays and keys concatenated, skips added up."""
+    merged: dict[str, Any] = {}
+    names = sorted({k for p in parts for k in p if not k.startswith("_")})
+    for k in names:
+        merged[k] = np.concatenate([p[k] for p in parts if k in p])
+    merged["_keys"] = np.array([k for p in parts for k in p.get("_keys", ())], dtype=object)
+    skipped: Counter[str] = Counter()
+    for p in parts:
+        skipped.update({k: int(v) for k, v in (p.get("_skipped") or {}).items()})
+    merged["_skipped"] = dict(skipped)
+    return merged
+
+
+def prediction_metrics(
+    preds: Mapping[str, Any], *, aar_groups: str = "lae", prefix: str = "val"
+) -> dict[str, float]:
+    """MAE, CMAE, AAR for every row present: ``<prefix>_*`` for the vanilla head,
+    ``<prefix>_balanced_*`` and ``<prefix>_routed_*`` when the model has a balanced head;
+    ``<prefix>_samples`` counts the samples."""
+    y = preds["age"]
+    out: dict[str, float] = {}
+    if len(y) == 0:
+        return out
+    rows = [("vanilla", "vanilla_age"), ("balanced", "balanced_age"), ("routed", "routed_age")]
+    for row, key in rows:
+        if key not in preds:
+            continue
+        if row == "routed" and "balanced_age" not in preds:
+            continue
+        yh = preds[key]
+        tag = f"{prefix}_{row}" if row != "vanilla" else prefix
+        out[f"{tag}_mae"] = M.mae(y, yh)
+        out[f"{tag}_cmae"] = M.cmae(y, yh)
+        out[f"{tag}_aar"] = M.aar(y, yh, groups=aar_groups)
+    out[f"{prefix}_samples"] = float(len(y))
+    return out
