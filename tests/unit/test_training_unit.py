@@ -475,3 +475,20 @@ def test_epoch_logging_is_idempotent(tmp_path: Path) -> None:
     assert sorted(m.step for m in client.get_metric_history(run_id, "epoch")) == [0, 1, 2]
     assert not RunLogger(uri, run_id, enabled=False).log_epoch({"x": 1.0}, 3)
     assert not RunLogger(None, run_id).log_epoch({"x": 1.0}, 3)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_refuses_stage2_without_a_stage1_model(tmp_path: Path):
+    """Checked before any run is opened or any worker starts (no Ray, no MLflow needed)."""
+    from ageray.tracking import Tracker
+    from ageray.training.pipeline import PipelineError, run_pipeline
+
+    cfg = Config()
+    cfg.run.storage_path = str(tmp_path)
+    tracker = Tracker(cfg, enabled=False)
+    with pytest.raises(PipelineError, match="--from"):
+        run_pipeline(cfg, tracker=tracker, stages=("stage2",))
+    with pytest.raises(PipelineError, match="unknown stage"):
+        run_pipeline(cfg, tracker=tracker, stages=("stage3",))

@@ -461,3 +461,28 @@ def test_tune_state_saved_before_the_package_split_still_loads():
     assert type(report) is TrialReportCallback and report.weight == 0.25
     assert state["trial_dirname_creator"] is _trial_dirname
     assert state["trainable"] is trial_driver
+
+
+def test_closing_report_of_a_trial(tmp_path: Path):
+    """A trial's last report: stage 1's best validation metrics and the search metric,
+    stage 2's as stage2_*, the test rows' MAE / CMAE / AAR (not their group breakdowns)."""
+    from ageray.training.driver import StageResult
+    from ageray.training.pipeline import PipelineResult
+    from ageray.tuning.trial import closing_report
+
+    r1 = StageResult("stage1", tmp_path, {"val_mae": 4.0, "val_cmae": 6.0, "fit_time_s": 9}, "c")
+    r2 = StageResult("stage2", tmp_path, {"val_routed_cmae": 5.0, "train_loss": 1.0}, "c2")
+    flat = {"test_routed_mae": 3.5, "test_routed_mae_0-17": 2.0, "test_vanilla_aar": 4.1}
+    result = PipelineResult("run", stage1=r1, stage2=r2, report={"flat_metrics": flat})
+    final = closing_report(result, parse_metric("mae+cmae", 0.5), epochs=3, num_params=7)
+    assert final == {
+        FINAL_KEY: 1,
+        EPOCH_KEY: 3,
+        "num_params": 7,
+        "val_mae": 4.0,
+        "val_cmae": 6.0,
+        "val_mae_cmae": 5.0,
+        "stage2_val_routed_cmae": 5.0,
+        "test_routed_mae": 3.5,
+        "test_vanilla_aar": 4.1,
+    }

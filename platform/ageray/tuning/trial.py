@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ageray.config import Config, config_from_dict
-from ageray.tuning.metric import EPOCH_KEY, FINAL_KEY, TuningError, parse_metric
+from ageray.tuning.metric import EPOCH_KEY, FINAL_KEY, MetricSpec, TuningError, parse_metric
 from ageray.tuning.results import short_error
 from ageray.tuning.runs import open_trial_run
 from ageray.tuning.space import parse_space, resolve_sample, trial_config
 
-__all__ = ["TrialContext", "count_model_parameters", "trial_driver"]
+if TYPE_CHECKING:
+    from ageray.training.pipeline import PipelineResult
+
+__all__ = ["TrialContext", "closing_report", "count_model_parameters", "trial_driver"]
 
 
 @dataclass
@@ -56,20 +59,21 @@ def count_model_parameters(cfg: Config) -> int:
 
 
 def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: build the trial's config, train stage 1 through Ray Train (every
-    epoch's report reaches Tune through :class:`TrialReportCallback`, so ASHA can stop it),
-    optionally stage 2 and the test evaluation, then one closing report.
+    """One Tune trial: build the trial's config and run the training pipeline on it (the one
+    ``jobs.train`` runs: stage 1, optionally stage 2 and the test evaluation, never the
+    registration), then one closing report. Every stage-1 epoch's report reaches Tune
+    through :class:`~ageray.tuning.callbacks.TrialReportCallback`, so ASHA can stop it.
 
     This is Ray's driver-function pattern: the function holds a sliver of CPU and waits on
-    the ``TorchTrainer`` it builds (``run_stage_on_ray``); the workers hold the resources.
-    ``run.name`` is ``<search>/<trial id>``, stable across Tune's retry and a resumed
-    search, so a restarted trial resumes from its last Train checkpoint.
+    the ``TorchTrainer`` each stage builds; the workers hold the resources. ``run.name`` is
+    ``<search>/<trial id>``, stable across Tune's retry and a resumed search, so a restarted
+    trial resumes from its last Train checkpoint. MLflow: stage 1 and the evaluation log
+    into the trial's run, stage 2 into a child run of it.
     """
     from ray import tune
 
-    from ageray.evaluation import evaluate_for_config
     from ageray.tracking import Tracker
-    from ageray.training.driver import local_run_dir, run_stage_on_ray
+    from ageray.training.pipeline import run_pipeline
     from ageray.tuning.callbacks import TrialReportCallback
 
     c = TrialContext(**ctx)
@@ -82,10 +86,15 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         cfg = trial_config(c.base, overrides)
     except TuningError as exc:  # reported through the trial's MLflow run, then raised
         cfg, invalid = config_from_dict(c.base), exc
+    train = cfg.train
     cfg = dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, name=f"{c.search}/{trial_id}"),
         tracking=dataclasses.replace(cfg.tracking, uri=c.tracking_uri),
+        # the search's stage2 setting decides, whatever the recipe says
+        train=dataclasses.replace(
+            train, stage2=dataclasses.replace(train.stage2, enabled=c.stage2)
+        ),
     )
     epochs = cfg.train.stage1.epochs
     tracker = Tracker(cfg, enabled=bool(c.tracking_uri))
@@ -94,7 +103,6 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     run_id = open_trial_run(
         tracker, search=c.search, trial_id=trial_id, parent_run_id=c.parent_run_id, params=params
     )
-    uri = tracker.uri if tracker.enabled else None
     try:
         if invalid is not None:
             raise invalid
@@ -104,55 +112,21 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             metric=spec.name,
             weight=spec.weight,
             constants={"num_params": num_params},
-            tracking_uri=uri,
+            tracking_uri=tracker.uri if tracker.enabled else None,
             run_id=run_id,
         )
-        r1 = run_stage_on_ray(
+        result = run_pipeline(
             cfg,
-            "stage1",
-            tracking_uri=uri,
-            mlflow_run_id=run_id,
-            init_backbone=cfg.train.init_from,
-            callbacks=[callback],
+            tracker=tracker,
+            evaluate=c.evaluate,
+            register=False,
+            run_id=run_id,
+            child_runs=("stage2",),
+            stage1_callbacks=[callback],
         )
-        final: dict[str, Any] = {
-            FINAL_KEY: 1,
-            EPOCH_KEY: epochs,
-            "num_params": num_params,
-            **{k: v for k, v in r1.metrics.items() if k.startswith("val_")},
-        }
-        objective = spec.value(r1.metrics)
-        if objective is not None:
-            final[spec.key] = objective
-        tracker.log_metrics(run_id, {f"best_{k}": v for k, v in r1.metrics.items()})
-        model_dir = r1.model_dir
-        if c.stage2:
-            tracker.parent_id = run_id
-            with tracker.stage("stage2") as rid2:
-                r2 = run_stage_on_ray(
-                    cfg,
-                    "stage2",
-                    tracking_uri=uri,
-                    mlflow_run_id=rid2,
-                    init_model=str(r1.model_dir),
-                    mae_ref=r1.metrics.get("val_mae"),
-                )
-            model_dir = r2.model_dir
-            stage2 = {f"stage2_{k}": v for k, v in r2.metrics.items() if k.startswith("val_")}
-            final.update(stage2)
-            tracker.log_metrics(run_id, stage2)
-        if c.evaluate:
-            out = local_run_dir(cfg) / "eval"
-            report = evaluate_for_config(model_dir, cfg, out)
-            test = {
-                k: v
-                for k, v in report["flat_metrics"].items()
-                if re.fullmatch(r"test_[a-z_]+?_(mae|cmae|aar)", k)
-            }
-            final.update(test)
-            tracker.log_metrics(run_id, report["flat_metrics"])
-            tracker.log_artifact(run_id, out, "evaluation")
-        tracker.log_metrics(run_id, {"epochs_run": epochs})
+        final = closing_report(result, spec, epochs=epochs, num_params=num_params)
+        stage2 = {k: v for k, v in final.items() if k.startswith("stage2_")}
+        tracker.log_metrics(run_id, {**stage2, "epochs_run": epochs})
         tracker.set_tags(run_id, {"ageray.tune.outcome": "completed"})
         tracker.end(run_id, "FINISHED")
     except Exception as exc:
@@ -162,3 +136,34 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracker.end(run_id, "FAILED")
         raise
     tune.report(final)
+
+
+def closing_report(
+    result: PipelineResult, spec: MetricSpec, *, epochs: int, num_params: int
+) -> dict[str, Any]:
+    """A trial's last report to Tune: marked final, stage 1's best validation metrics and
+    the search metric, stage 2's as ``stage2_val_*``, the test split's MAE / CMAE / AAR
+    per row (``test_<row>_<metric>``) when they ran."""
+    r1 = result.stage1.metrics if result.stage1 is not None else {}
+    final: dict[str, Any] = {
+        FINAL_KEY: 1,
+        EPOCH_KEY: epochs,
+        "num_params": num_params,
+        **{k: v for k, v in r1.items() if k.startswith("val_")},
+    }
+    objective = spec.value(r1)
+    if objective is not None:
+        final[spec.key] = objective
+    if result.stage2 is not None:
+        final.update(
+            {f"stage2_{k}": v for k, v in result.stage2.metrics.items() if k.startswith("val_")}
+        )
+    if result.report is not None:
+        final.update(
+            {
+                k: v
+                for k, v in result.report["flat_metrics"].items()
+                if re.fullmatch(r"test_[a-z_]+?_(mae|cmae|aar)", k)
+            }
+        )
+    return final

@@ -1,0 +1,175 @@
+"""The training pipeline: stage 1, stage 2 (with stage 1's validation MAE), the test-split
+evaluation and the registration of the final model, each stage through Ray Train.
+
+Why one function: ``jobs.train`` and every Tune trial run this same sequence (Made-With-ML's
+"tune reuses train"); written twice, the two copies drift (which model stage 2 starts from,
+which MAE it reads, what reaches MLflow). The callers differ only in policy, passed as
+keywords: which stages run, whether to evaluate and register, which MLflow run the pipeline
+writes into and which steps get a child run of their own, the callbacks of stage 1 (a Tune
+trial's report callback), and where progress lines go.
+
+MLflow layout: the pipeline's run (``run_id``; when None the pipeline opens its own parent
+run for ``cfg.run.name`` and closes it) holds the registered model and the evaluation; each
+step named in ``child_runs`` gets a child run under it, the others log into it directly
+(``jobs.train``: a child run per step; a Tune trial: stage 1 and the evaluation in the
+trial's own run, stage 2 in a child run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ageray.config import Config
+from ageray.data.manifest import read_manifest
+from ageray.evaluation import evaluate_for_config, format_table
+from ageray.tracking import Tracker, log_model, resolve_model_dir
+from ageray.training.driver import StageResult, local_run_dir, run_stage_on_ray
+
+__all__ = ["STEPS", "PipelineError", "PipelineResult", "run_pipeline"]
+
+#: The steps of a pipeline that may get MLflow child runs of their own.
+STEPS = ("stage1", "stage2", "evaluate")
+
+
+class PipelineError(ValueError):
+    """The pipeline was asked for something it cannot do; the message says what to pass."""
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline produced: the stage results it ran, the final model, the evaluation
+    report and the registry entry (each None when that step did not run)."""
+
+    run_id: str | None  # the pipeline's MLflow run
+    stage1: StageResult | None = None
+    stage2: StageResult | None = None
+    model_dir: Path | None = None  # stage 2's model, else stage 1's, else the --from model
+    report: dict[str, Any] | None = None
+    eval_dir: Path | None = None
+    registered: dict[str, Any] | None = None
+
+
+def run_pipeline(
+    cfg: Config,
+    *,
+    tracker: Tracker,
+    stages: Collection[str] = ("stage1", "stage2"),
+    from_model: str | None = None,
+    evaluate: bool = True,
+    register: bool = True,
+    fresh: bool = False,
+    run_id: str | None = None,
+    child_runs: Collection[str] = STEPS,
+    stage1_callbacks: Sequence[Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Run the pipeline of ``cfg``; see the module docstring for the keywords' policy.
+
+    Stage 2 runs when ``"stage2"`` is in ``stages`` and ``train.stage2.enabled``; without
+    stage 1 it starts from ``from_model`` (a folder, checkpoint, ``runs:/`` or ``models:/``
+    URI) and reads the MAE recorded in its ``model.json``. ``fresh`` discards this run
+    name's earlier stage results and starts new MLflow runs (resuming the old ones would mix
+    two trainings' histories). Registration needs tracking.
+    """
+    unknown = set(stages) - {"stage1", "stage2"}
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {sorted(unknown)}; choose stage1, stage2")
+    run_stage2 = "stage2" in stages and cfg.train.stage2.enabled
+    if run_stage2 and "stage1" not in stages and not from_model:
+        raise PipelineError(
+            "stage 2 without stage 1 needs the stage-1 model (jobs.train: --from <folder, "
+            "checkpoint, runs:/ or models:/ URI>)"
+        )
+    say = log or (lambda _text: None)
+    resume = not fresh
+    uri = tracker.uri if tracker.enabled else None
+    own_run = run_id is None
+    if own_run:
+        run_id = tracker.start_pipeline("train", resume=resume)
+        manifest = read_manifest(cfg.data.shards)  # fails fast if the shards are missing
+        tracker.log_manifest(run_id, manifest, "shards")
+        say(f"[ageray] run {cfg.run.name!r}: MLflow {tracker.run_url(run_id)}")
+    else:
+        tracker.parent_id = run_id  # child runs go under the caller's run
+
+    @contextlib.contextmanager
+    def step_run(step: str) -> Iterator[str | None]:
+        if step in child_runs:
+            with tracker.stage(step, resume=resume) as rid:
+                yield rid
+        else:
+            yield run_id
+
+    result = PipelineResult(run_id=run_id)
+    stage1_uri, mae_ref = None, None
+    if "stage1" in stages:
+        with step_run("stage1") as rid:
+            r1 = run_stage_on_ray(
+                cfg,
+                "stage1",
+                tracking_uri=uri,
+                mlflow_run_id=rid,
+                init_backbone=cfg.train.init_from,
+                fresh=fresh,
+                callbacks=list(stage1_callbacks or []),
+            )
+            if not r1.reused:  # a finished stage logged these when it finished
+                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r1.metrics.items()})
+                tracker.log_artifact(rid, r1.model_dir / "model.json", "model")
+        result.stage1, result.model_dir = r1, r1.model_dir
+        mae_ref = r1.metrics.get("val_mae")
+        stage1_uri = r1.checkpoint  # in the run's storage: what stage 2's workers read
+        say(f"[ageray] stage 1 best: {json.dumps(_shown(r1.metrics))} -> {r1.model_dir}")
+
+    if run_stage2:
+        if result.stage1 is None:
+            result.model_dir = resolve_model_dir(str(from_model))
+            stage1_uri = str(result.model_dir)
+            info = json.loads((result.model_dir / "model.json").read_text())
+            mae_ref = (info.get("meta") or {}).get("val_mae")
+        with step_run("stage2") as rid:
+            tracker.log_params(
+                rid, {"stage2.mae_ref": mae_ref, "stage2.init_model": result.model_dir}
+            )
+            r2 = run_stage_on_ray(
+                cfg,
+                "stage2",
+                tracking_uri=uri,
+                mlflow_run_id=rid,
+                init_model=stage1_uri,
+                mae_ref=mae_ref,
+                fresh=fresh,
+            )
+            if not r2.reused:
+                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r2.metrics.items()})
+        result.stage2, result.model_dir = r2, r2.model_dir
+        say(f"[ageray] stage 2 best: {json.dumps(_shown(r2.metrics))} -> {r2.model_dir}")
+
+    if evaluate and result.model_dir is not None:
+        out = local_run_dir(cfg) / "eval"
+        with step_run("evaluate") as rid:
+            report = evaluate_for_config(result.model_dir, cfg, out)
+            tracker.log_artifact(rid, out, "evaluation")
+            tracker.log_metrics(rid, report["flat_metrics"])
+        if rid != run_id:
+            tracker.log_artifact(run_id, out, "evaluation")
+        result.report, result.eval_dir = report, out
+        say(format_table(report))
+
+    if register and result.model_dir is not None and tracker.enabled:
+        metrics = result.report["flat_metrics"] if result.report else {}
+        result.registered = log_model(tracker, run_id, result.model_dir, metrics=metrics)
+    if own_run:
+        tracker.end(run_id)
+    return result
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    """The validation numbers a person reads after a stage (rounded)."""
+    keys = ("val_mae", "val_cmae", "val_balanced_cmae", "val_routed_cmae", "val_routed_mae")
+    return {k: round(metrics[k], 3) for k in keys if k in metrics}
