@@ -277,7 +277,7 @@ def run_endpoint(args: argparse.Namespace, model_dir: Path, images: list[bytes])
 
     torch.set_num_threads(args.threads)
     served = load_served_model(str(model_dir), "cpu", channels_last=True)  # as served
-    tensors = [served.prepare(d, "bench", Limits()).tensor for d in images[:64]]
+    tensors = [served.model_input(d, "bench", Limits()).tensor for d in images[:64]]
     common = {
         "device": "cpu",
         "torch_threads": args.threads,

@@ -10,7 +10,8 @@ ingress deployment would add a Ray actor call (serialisation + a hop) to every r
 which at concurrency 1 costs more than the forward saves; replicas scale out as a whole
 (autoscaling in serve/config.yaml).
 
-Per request: auth -> body read with a byte cap -> parse (``ageray.serving``) -> admission
+Per request: the request guard (``ageray.serving.guard``: header caps, the body read whole
+under a byte cap and a deadline) -> auth -> parse (``ageray.serving``) -> admission
 (in-flight images) -> decode + preprocess in the handler (evaluation's code; large images
 in a worker thread) -> each image joins the ``@serve.batch`` queue -> the batch runs
 ``model.predict(x, flip=True)`` (image + flip, both heads, one backbone pass, AR per image)
@@ -38,6 +39,13 @@ the old one keeps answering, warms it up, then swaps one reference. Each queued 
 carries the model it was prepared for, so in-flight batches finish on the old weights and
 nothing fails. A swap that fails keeps the old model and reports ``swap_error``.
 
+Slow clients: the guard runs in this app under every way of running, and, when Serve's
+proxy callback points at ``ageray.serving.guard:proxy_middlewares``, also in Serve's proxy
+(or the replica's own HTTP server under direct ingress) *before* a request is routed, so
+stalled uploads never take one of the replica's request slots. ``app`` (the ``serve run``
+builder) sets that callback for the local Ray that ``serve run`` starts; a cluster sets it
+in its environment (README, Operations).
+
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``,
 OpenAPI at ``/docs``. With ``AGERAY_API_TOKEN`` set (the variable name is the
 ``auth_token_env`` setting), ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/healthz``,
@@ -63,16 +71,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ageray.serving import (
     Admission,
     BatchWindow,
+    GuardCounts,
+    LiveLimits,
+    ModelInput,
+    RequestGuard,
     ServedModel,
     ServeError,
     ServeSettings,
     build_prediction,
     check_auth,
-    content_length_cap,
+    install_edge_guard,
     load_served_model,
     parse_predict_body,
     warmup,
 )
+from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
 
 log = logging.getLogger("ray.serve")
 
@@ -89,11 +102,17 @@ api = FastAPI(
         "`Authorization: Bearer <token>`; `/healthz`, `/readyz` and these docs are open.\n\n"
         'Errors are JSON `{"error": {"code", "message"}}` with a 4xx status naming the '
         "problem (415 wrong content type, 413 too large / too many pixels / too many images, "
-        "400 not an image / truncated / malformed JSON or base64, 401 auth); 503 with "
-        "`Retry-After` when the replica is overloaded or not ready."
+        "400 not an image / truncated / malformed JSON or base64, 401 auth, 408 body not "
+        "sent in time, 431 headers too large); 503 with `Retry-After` when the replica is "
+        "overloaded or not ready."
     ),
     docs_url="/docs",
 )
+
+# The replica's current limits (reconfigure updates them) and what the guard refused.
+GUARD_LIMITS = LiveLimits()
+GUARD_COUNTS = GuardCounts()
+api.add_middleware(RequestGuard, limits=GUARD_LIMITS, where="app", counts=GUARD_COUNTS)
 
 _PREDICT_BODY = {
     "requestBody": {
@@ -150,26 +169,13 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug or a failing forward (not bad input, which is always a ServeError): logged
     with its traceback, answered as JSON like every other error."""
     log.error("ageray: %s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        {
-            "error": {
-                "code": "internal_error",
-                "message": f"the service failed on this request ({type(exc).__name__}); it "
-                "is logged on the replica, retry or report it",
-            }
-        },
-        status_code=500,
-    )
+    return _error_response(ServeError.internal(exc))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(
-        {"error": {"code": code, "message": str(exc.detail)}},
-        status_code=exc.status_code,
-        headers=getattr(exc, "headers", None),
-    )
+    headers = getattr(exc, "headers", None)
+    return _error_response(ServeError.http(exc.status_code, str(exc.detail), headers))
 
 
 def _stack(tensors: list[Any]) -> Any:
@@ -180,7 +186,7 @@ def _stack(tensors: list[Any]) -> Any:
 
 
 @dataclass
-class _Item:
+class _QueuedImage:
     """One image in the batch queue, tied to the model it was preprocessed for."""
 
     tensor: Any
@@ -222,6 +228,14 @@ class AgeEstimator:
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="ageray-forward")
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="ageray-decode")
         self._apply_runtime_settings()
+        self._edge_guard = os.environ.get(EDGE_ENV) == EDGE_CALLBACK
+        if not self._edge_guard:
+            log.info(
+                "ageray: no request guard in Serve's proxy on this node (%s is not %s): a "
+                "stalled upload holds a request slot until limits.body_timeout_s",
+                EDGE_ENV,
+                EDGE_CALLBACK,
+            )
         self._served = self._load(uri, self._settings)
         self._ready = True
 
@@ -235,6 +249,7 @@ class AgeEstimator:
         self._forward_batch.set_max_batch_size(s.max_batch_size)
         self._forward_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self._admission.limit = s.max_inflight_images
+        GUARD_LIMITS.value = s.limits
 
     def _load(
         self, uri: str, settings: ServeSettings, registry: dict[str, Any] | None = None
@@ -329,7 +344,7 @@ class AgeEstimator:
 
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1)
-    async def _forward_batch(self, items: list[_Item]) -> list[tuple[dict[str, Any], dict]]:
+    async def _forward_batch(self, items: list[_QueuedImage]) -> list[tuple[dict[str, Any], dict]]:
         """One forward per model among the queued images (normally one model; two only
         for the moments of a swap), run in the forward thread."""
         loop = asyncio.get_running_loop()
@@ -363,45 +378,21 @@ class AgeEstimator:
         # under load).
         wait = self._window.wait(time.perf_counter(), self._decoding, self._settings)
         self._forward_batch.set_batch_wait_timeout_s(wait)
-        return await self._forward_batch(_Item(tensor, served, time.perf_counter()))
+        return await self._forward_batch(_QueuedImage(tensor, served, time.perf_counter()))
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
         token = os.environ.get(self._settings.auth_token_env) or None
         check_auth(request.headers.get("authorization"), token)
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the cap for its content type."""
-        ctype = request.headers.get("content-type")
-        cap = content_length_cap(ctype, self._settings.limits)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise ServeError(
-                413,
-                "payload_too_large",
-                f"the request body is {declared} bytes; the limit for this content type is "
-                f"{cap} bytes: send a smaller (re-encoded or downscaled) image",
-            )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise ServeError(
-                    413,
-                    "payload_too_large",
-                    f"the request body is larger than {cap} bytes, the limit for this content "
-                    "type: send a smaller (re-encoded or downscaled) image",
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _prepare(self, served: ServedModel, data: bytes, name: str) -> Any:
+    async def _model_input(self, served: ServedModel, data: bytes, name: str) -> ModelInput:
         limits = self._settings.limits
         if len(data) >= self._settings.decode_in_thread_bytes or served.aligner is not None:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._decode_pool, served.prepare, data, name, limits)
-        return served.prepare(data, name, limits)
+            return await loop.run_in_executor(
+                self._decode_pool, served.model_input, data, name, limits
+            )
+        return served.model_input(data, name, limits)
 
     # ------------------------------------------------------------------ routes
     @api.get("/healthz", summary="Liveness (open, no auth)")
@@ -412,14 +403,7 @@ class AgeEstimator:
     async def readyz(self) -> JSONResponse:
         served = self._served
         if not self._ready or served is None:
-            return _error_response(
-                ServeError(
-                    503,
-                    "not_ready",
-                    "the model is still loading; retry shortly",
-                    {"Retry-After": str(self._settings.retry_after_s)},
-                )
-            )
+            return _error_response(ServeError.not_ready(self._settings.retry_after_s))
         return JSONResponse({"status": "ready", "model": served.model_ref()})
 
     @api.get("/v1/model", summary="The served model: registry name, version, alias, metrics")
@@ -427,9 +411,15 @@ class AgeEstimator:
         self._auth(request)
         served = self._served
         if served is None:
-            raise ServeError(503, "not_ready", "the model is still loading; retry shortly")
-        s = self._settings.public()
-        return JSONResponse({**served.describe(), "serving": s, "swap_error": self._swap_error})
+            raise ServeError.not_ready(self._settings.retry_after_s)
+        return JSONResponse(
+            {
+                **served.describe(),
+                "serving": self._settings.public(),
+                "swap_error": self._swap_error,
+                "guard": {"edge": self._edge_guard, "refused": GUARD_COUNTS.snapshot()},
+            }
+        )
 
     @api.post(
         "/v1/predict",
@@ -445,13 +435,8 @@ class AgeEstimator:
         self._auth(request)
         served = self._served
         if not self._ready or served is None:
-            raise ServeError(
-                503,
-                "not_ready",
-                "the model is still loading; retry shortly",
-                {"Retry-After": str(self._settings.retry_after_s)},
-            )
-        body = await self._read_body(request)
+            raise ServeError.not_ready(self._settings.retry_after_s)
+        body = await request.body()  # complete already: the request guard read it
         read_ms = (time.perf_counter() - t0) * 1000.0
         parsed = parse_predict_body(
             request.headers.get("content-type"), body, self._settings.limits
@@ -463,18 +448,18 @@ class AgeEstimator:
         try:
             self._decoding += n
             try:
-                prepared = [
-                    await self._prepare(served, img.data, img.name) for img in parsed.images
+                inputs = [
+                    await self._model_input(served, img.data, img.name) for img in parsed.images
                 ]
             finally:
                 self._decoding -= n
-            outs = await asyncio.gather(*(self._infer_one(p.tensor, served) for p in prepared))
+            outs = await asyncio.gather(*(self._infer_one(p.tensor, served) for p in inputs))
         finally:
             self._admission.leave(n)
         total = (time.perf_counter() - t0) * 1000.0
         want_dist = distribution or parsed.distribution
         answers = []
-        for p, (res, meta) in zip(prepared, outs):
+        for p, (res, meta) in zip(inputs, outs):
             timing = {
                 "read": read_ms,
                 "decode": p.decode_ms,
@@ -531,6 +516,15 @@ def build_app(
 
 
 def app(args: AppArgs) -> Application:
-    """Builder for ``serve run serve.app:app model_uri=...`` and ``serve deploy``."""
+    """Builder for ``serve run serve.app:app model_uri=...`` and ``serve deploy``.
+
+    ``serve run`` calls it before it starts a local Ray: the request guard is then set as
+    Serve's proxy callback for that Ray (an explicit ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_
+    PATH``, empty included, is left alone). On a running cluster this changes nothing.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        install_edge_guard()
     settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
     return build_app(args.model_uri, settings)

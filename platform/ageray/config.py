@@ -17,6 +17,7 @@ Sections (each documented on its class): ``run``, ``data``, ``model``, ``loss``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -25,9 +26,11 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+T = TypeVar("T")
 
 __all__ = [
     "AugmentConfig",
@@ -46,6 +49,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
+    "build_dataclass",
     "config_from_dict",
     "config_keys",
     "dump_yaml",
@@ -378,7 +382,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}")
-        return _from_dict(tp, value, key)
+        return build_dataclass(tp, value, prefix=key)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = (
@@ -444,23 +448,58 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(
+    cls: type[T],
+    data: Mapping[str, Any] | None,
+    *,
+    base: T | None = None,
+    prefix: str = "",
+    what: str = "config key",
+    inline: tuple[str, ...] = (),
+) -> T:
+    """A ``cls`` instance from a (possibly partial) mapping: the one typed builder behind
+    :class:`Config` and the Serve settings (``ageray.serving.settings``).
+
+    Why one: every typed setting in ageray must fail the same way on a typo (an unknown key
+    names the closest known one) and coerce the same way (``"8"`` -> ``8`` for an ``int``).
+    Keys not given keep ``base``'s values (``base`` is not mutated) or the class defaults.
+    A nested dataclass field takes a mapping, built on top of the base's section.
+    ``inline`` names nested sections whose keys may also be written at this level (Serve's
+    flat ``max_image_bytes`` for ``limits.max_image_bytes``); the nested form wins.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    items = dict(data or {})
+    for section in inline:
+        inner = {f.name for f in dataclasses.fields(hints[section])}
+        flat = {k: items.pop(k) for k in list(items) if k in inner}
+        nested = items.get(section)
+        if flat:
+            items[section] = {**flat, **nested} if isinstance(nested, Mapping) else flat
     kwargs: dict[str, Any] = {}
-    for k, v in data.items():
+    for k, v in items.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
+            known = names + [
+                f.name for section in inline for f in dataclasses.fields(hints[section])
+            ]
+            close = difflib.get_close_matches(str(k), known, n=1)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint} (known: {', '.join(names)})")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+            raise ConfigError(f"unknown {what} '{key}'{hint} (known: {', '.join(known)})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, Mapping):
+            section_base = getattr(base, k) if base is not None else None
+            kwargs[k] = build_dataclass(tp, v, base=section_base, prefix=key, what=what)
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    if base is None:
+        return cls(**kwargs)
+    return dataclasses.replace(copy.deepcopy(base), **kwargs)
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
     """Build and validate a Config from a (possibly partial) nested dict."""
-    return _from_dict(Config, data or {}).validate()
+    return build_dataclass(Config, data).validate()
 
 
 def to_dict(obj: Any) -> Any:

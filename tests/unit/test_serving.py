@@ -263,7 +263,7 @@ def test_any_mode_and_tiny_images_are_answered(make, served) -> None:
     data = make()
     img = decode_checked(data, "x", LIMITS, served.image_size)
     assert img.mode == "RGB"
-    prep = served.prepare(data, "x", LIMITS)
+    prep = served.model_input(data, "x", LIMITS)
     assert prep.tensor.shape == (3, served.image_size, served.image_size)
     assert torch.isfinite(prep.tensor).all()
     out = served.forward(prep.tensor[None])
@@ -293,9 +293,9 @@ def test_load_local_folder(served, model_dir: Path) -> None:
     assert warmup(served, (1, 2)) > 0
 
 
-def test_prepare_is_evaluation_preprocessing(served) -> None:
+def test_model_input_is_evaluation_preprocessing(served) -> None:
     data = face_jpeg(200, seed=3)
-    prep = served.prepare(data, "x", LIMITS)
+    prep = served.model_input(data, "x", LIMITS)
     ref = preprocess_for_eval([decode_image(data, target_size=64)], served.data_cfg)[0]
     assert torch.equal(prep.tensor, ref)
     assert prep.face is None and prep.decode_ms > 0
@@ -303,7 +303,7 @@ def test_prepare_is_evaluation_preprocessing(served) -> None:
 
 def test_forward_matches_model_predict(served) -> None:
     data = [face_jpeg(96, seed=s) for s in range(5)]
-    x = torch.stack([served.prepare(d, "x", LIMITS).tensor for d in data])
+    x = torch.stack([served.model_input(d, "x", LIMITS).tensor for d in data])
     outs = served.forward(x)
     pred = served.model.predict(x, flip=True, rule="smaller")
     for i, out in enumerate(outs):
@@ -326,7 +326,7 @@ def test_forward_matches_model_predict(served) -> None:
 
 
 def test_build_prediction(served) -> None:
-    x = served.prepare(face_jpeg(), "x", LIMITS).tensor[None]
+    x = served.model_input(face_jpeg(), "x", LIMITS).tensor[None]
     res = served.forward(x)[0]
     timing = {"decode": 1.23456, "queue": 0.1, "forward": 5.0, "total": 7.0}
     out = build_prediction(res, served, timing_ms=timing, batch_size=1)
@@ -352,7 +352,7 @@ def test_normalize_null_falls_back_to_default(tmp_path: Path) -> None:
     save_model(model, tmp_path / "m")  # no cfg: data.normalize is null in model.json
     served = load_served_model(str(tmp_path / "m"), "cpu")
     assert served.data_cfg.normalize == "imagenet" and served.head_names == ["vanilla"]
-    out = served.forward(served.prepare(face_jpeg(), "x", LIMITS).tensor[None])[0]
+    out = served.forward(served.model_input(face_jpeg(), "x", LIMITS).tensor[None])[0]
     assert out["head"] == "vanilla" and set(out["heads"]) == {"vanilla"}
 
 
@@ -364,11 +364,11 @@ def test_aligned_model_reports_the_face(tmp_path: Path) -> None:
     assert served.aligner is not None
     face = next(iter(iter_synthetic(num_samples=1, image_size=160))).image
     for data in (face, encode(Image.new("RGB", (8, 8), (90, 90, 90)))):
-        prep = served.prepare(data, "x", LIMITS)
+        prep = served.model_input(data, "x", LIMITS)
         assert prep.tensor.shape == (3, 64, 64)
         assert set(prep.face) == {"found", "box", "score", "detector"}
         assert prep.face["detector"] == "haar"
-    assert not served.prepare(encode(Image.new("RGB", (8, 8), (90, 90, 90))), "x", LIMITS).face[
+    assert not served.model_input(encode(Image.new("RGB", (8, 8), (90, 90, 90))), "x", LIMITS).face[
         "found"
     ]
 
@@ -449,6 +449,6 @@ def test_batch_window() -> None:
 
 def test_channels_last_serving_matches_plain_model(model_dir: Path, served) -> None:
     fast = load_served_model(str(model_dir), "cpu", channels_last=True)
-    x = torch.stack([served.prepare(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in range(4)])
+    x = torch.stack([served.model_input(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in range(4)])
     for a, b in zip(fast.forward(x), served.forward(x)):
         assert abs(a["age"] - b["age"]) < 1e-4 and a["head"] == b["head"]

@@ -1,0 +1,83 @@
+"""Serving logic without Ray: request limits and parsing, image decoding, the served model,
+answers, auth and admission, and the request guard.
+
+Why a package apart from the Serve app: ``serve/app.py`` is wiring only (routes, the
+``@serve.batch`` queue, the model swap). Every rule about what a request may contain, how
+long it may take to arrive and what an answer looks like lives here, so it is unit-tested
+without starting Ray and the HTTP layer cannot drift from it.
+
+Modules, one job each:
+
+* ``errors``     :class:`ServeError` and its named constructors; the one JSON envelope.
+* ``settings``   :class:`Limits` and :class:`ServeSettings` (Serve ``user_config``), built
+                 by :func:`ageray.config.build_dataclass` like every typed config.
+* ``requests``   header and body limits, the capped body read with a deadline, the raw /
+                 multipart / JSON parsers.
+* ``guard``      :class:`RequestGuard`, the ASGI middleware that applies those limits in
+                 front of the app and, through Serve's proxy callback, before routing.
+* ``images``     header check (pixel bombs) and evaluation's decoder.
+* ``model``      :class:`ServedModel`: load, warm up, bytes -> model input, forward, answer.
+* ``admission``  bearer-token auth and the in-flight image bound.
+* ``batching``   :class:`BatchWindow`, the adaptive batch wait.
+
+Bad input is always a :class:`ServeError` (a 4xx with a code and a message naming the input
+and the fix), never a 500.
+"""
+
+from ageray.serving.admission import Admission, check_auth
+from ageray.serving.batching import BatchWindow
+from ageray.serving.errors import ServeError, error_body
+from ageray.serving.guard import (
+    GuardCounts,
+    LiveLimits,
+    RequestGuard,
+    install_edge_guard,
+    proxy_middlewares,
+)
+from ageray.serving.images import check_image_header, decode_checked
+from ageray.serving.model import (
+    ModelInput,
+    ServedModel,
+    build_prediction,
+    load_served_model,
+    warmup,
+)
+from ageray.serving.requests import (
+    ClientDisconnected,
+    ImagePayload,
+    ParsedRequest,
+    check_headers,
+    content_length_cap,
+    parse_predict_body,
+    read_body,
+)
+from ageray.serving.settings import Limits, ServeSettings
+
+__all__ = [
+    "Admission",
+    "BatchWindow",
+    "ClientDisconnected",
+    "GuardCounts",
+    "ImagePayload",
+    "Limits",
+    "LiveLimits",
+    "ModelInput",
+    "ParsedRequest",
+    "RequestGuard",
+    "ServeError",
+    "ServeSettings",
+    "ServedModel",
+    "build_prediction",
+    "check_auth",
+    "check_headers",
+    "check_image_header",
+    "content_length_cap",
+    "decode_checked",
+    "error_body",
+    "install_edge_guard",
+    "load_served_model",
+    "parse_predict_body",
+    "proxy_middlewares",
+    "read_body",
+    "warmup",
+]

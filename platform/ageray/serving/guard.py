@@ -1,0 +1,248 @@
+"""The request guard: bounded cost per client, in front of the app and (optionally) in
+front of Serve's routing.
+
+A pure ASGI middleware that, before a request reaches the app, caps the header block (431),
+reads the whole body under the byte cap (413) and the body deadline (408, see
+:class:`~ageray.serving.settings.Limits`), and turns a client that disconnects mid-upload
+into one INFO line and a counter instead of an error traceback. The app then receives the
+body in one piece.
+
+Why it exists twice:
+
+* **In the app** (``serve/app.py`` adds it to the FastAPI app): it holds under every way of
+  running (``serve run``, ``serve deploy``, direct ingress). But Serve routes a request to
+  a replica when its headers arrive, so a stalled upload still holds one of the replica's
+  ``max_ongoing_requests`` slots until the deadline cuts it off.
+* **At the edge** (Serve's HTTP proxy, and each replica's own HTTP server under
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``): Serve applies the middlewares that the function
+  named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` returns (:func:`proxy_middlewares`
+  here). There the body is complete *before* Serve picks a replica, so clients that send
+  nothing never take a request slot: valid requests and ``/readyz`` keep answering while
+  hundreds of uploads stall. The variable is read by Serve's processes when they start;
+  :func:`install_edge_guard` sets it for a local Ray that is about to start.
+
+Nothing here imports Ray: the guard is tested in-process (tests/unit/test_guard.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ageray.serving.errors import ServeError
+from ageray.serving.requests import (
+    ClientDisconnected,
+    check_headers,
+    declared_length,
+    read_body,
+)
+from ageray.serving.settings import Limits
+
+__all__ = [
+    "EDGE_CALLBACK",
+    "EDGE_ENV",
+    "EDGE_LIMITS_ENV",
+    "GuardCounts",
+    "LiveLimits",
+    "RequestGuard",
+    "edge_limits",
+    "install_edge_guard",
+    "proxy_middlewares",
+]
+
+#: Serve's hook: an import path to a function returning Starlette middlewares for its HTTP
+#: servers (proxy and direct ingress). Read by those processes at start.
+EDGE_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+EDGE_CALLBACK = "ageray.serving.guard:proxy_middlewares"
+#: The edge guard's limits, ``key=value`` pairs (``body_timeout_s=3,max_header_bytes=65536``);
+#: unset keys keep :class:`Limits`' defaults. The edge serves every app of the cluster and
+#: cannot see a replica's user_config: raise the byte caps here too when you raise them there.
+EDGE_LIMITS_ENV = "AGERAY_EDGE_LIMITS"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Serve configures the "ray.serve" logger in its processes (replica and proxy log files,
+# forwarded to the driver); a logger of our own would be dropped at INFO there. The name
+# does not import Ray.
+log = logging.getLogger("ray.serve")
+
+
+class GuardCounts:
+    """Requests the guard refused or lost, by reason (thread-safe; shown by ``/v1/model``
+    for the in-app guard, exported as the Ray metric ``ageray_guard_events`` when running
+    inside Ray)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._metric: Any = None
+
+    def add(self, reason: str, where: str) -> int:
+        with self._lock:
+            self._counts[reason] = n = self._counts.get(reason, 0) + 1
+        self._export(reason, where)
+        return n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def _export(self, reason: str, where: str) -> None:
+        ray = sys.modules.get("ray")  # only when this process already runs Ray
+        if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+            return
+        try:
+            if self._metric is None:
+                from ray.util.metrics import Counter
+
+                self._metric = Counter(
+                    "ageray_guard_events",
+                    description="requests refused or lost before the app: body timeouts, "
+                    "client disconnects, oversized headers or bodies",
+                    tag_keys=("reason", "where"),
+                )
+            self._metric.inc(1, tags={"reason": reason, "where": where})
+        except Exception:  # metrics are best effort; the count above is kept
+            self._metric = False
+
+
+class LiveLimits:
+    """The limits a running replica applies now (``user_config`` may change them)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.value = limits or Limits()
+
+    def __call__(self) -> Limits:
+        return self.value
+
+
+class RequestGuard:
+    """Pure ASGI middleware (see the module docstring).
+
+    ``limits``: a :class:`Limits` or a callable returning the current ones. ``where``
+    (``app`` / ``edge``) tags log lines and metrics.
+    """
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        *,
+        limits: Limits | Callable[[], Limits] | None = None,
+        where: str = "app",
+        counts: GuardCounts | None = None,
+    ) -> None:
+        self.app = app
+        self._limits: Callable[[], Limits] = limits if callable(limits) else LiveLimits(limits)
+        self.where = where
+        self.counts = counts if counts is not None else GuardCounts()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limits = self._limits()
+        headers = scope.get("headers") or []
+        try:
+            check_headers(headers, limits)
+            declared, has_body = declared_length(headers)
+            if not has_body:  # GET probes: nothing to wait for
+                await self.app(scope, receive, send)
+                return
+            body = await read_body(
+                receive,
+                content_type=_header(headers, b"content-type"),
+                declared=declared,
+                limits=limits,
+            )
+        except ServeError as err:
+            n = self.counts.add(err.code, self.where)
+            if err.status == 408:
+                log.info(
+                    "ageray %s: %s %s: %s (body timeouts so far: %d)",
+                    self.where,
+                    scope.get("method"),
+                    scope.get("path"),
+                    err.message.split(";")[0],
+                    n,
+                )
+            await err.send(send)
+            return
+        except ClientDisconnected as exc:
+            n = self.counts.add("client_disconnect", self.where)
+            log.info(
+                "ageray %s: %s %s: %s (client disconnects so far: %d)",
+                self.where,
+                scope.get("method"),
+                scope.get("path"),
+                exc,
+                n,
+            )
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body in one message, then the real ``receive`` (which reports the disconnect)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+def edge_limits(environ: MutableMapping[str, str] | None = None) -> Limits:
+    """:class:`Limits` from ``AGERAY_EDGE_LIMITS`` (``key=value,key=value``)."""
+    text = (environ if environ is not None else os.environ).get(EDGE_LIMITS_ENV, "")
+    pairs: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{EDGE_LIMITS_ENV}: {item!r} must look like key=value")
+        pairs[key.strip()] = value.strip()
+    return Limits.from_mapping(pairs)
+
+
+def proxy_middlewares() -> list[Any]:
+    """Serve's HTTP proxy callback: the edge guard for the proxy and direct-ingress servers.
+
+    Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ageray.serving.guard:proxy_middlewares``
+    in the environment of ``ray start`` (every node) or let :func:`install_edge_guard` do it
+    for a local Ray.
+    """
+    from starlette.middleware import Middleware
+
+    limits = edge_limits()
+    log.info("ageray edge: request guard on (%s)", limits)
+    return [Middleware(RequestGuard, limits=limits, where="edge")]
+
+
+def install_edge_guard(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Point Serve's proxy callback at :func:`proxy_middlewares` unless something else is
+    set; True when the guard's path is (now) the one set. Only processes started after
+    this see it: call it before the local Ray starts (``serve run`` calls the app builder
+    first); a running cluster needs the variable in its own environment."""
+    env = environ if environ is not None else os.environ
+    env.setdefault(EDGE_ENV, EDGE_CALLBACK)
+    return env[EDGE_ENV] == EDGE_CALLBACK

@@ -1,0 +1,150 @@
+"""The replica's knobs (Serve ``user_config``) and the per-request limits.
+
+Why typed and built by :func:`ageray.config.build_dataclass`: a typo in ``user_config``
+(``max_batch_sise``) must fail the deploy with the closest name, exactly as a typo in a
+training recipe does, and ``"8"`` must become ``8`` the same way in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ageray.config import build_dataclass
+
+__all__ = ["Limits", "ServeSettings"]
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Limits:
+    """What one request may carry, and how long its body may take. Defaults suit phone
+    photos of faces.
+
+    ``max_pixels`` (width x height from the header) bounds decoded memory: 25 MP is a 24 MP
+    photo, ~75 MB as RGB; JPEGs decode at a reduced draft size anyway. ``max_request_bytes``
+    bounds the whole body (a 10 MB image is ~13.4 MB as base64 JSON).
+
+    The body must arrive within ``body_timeout_s`` plus one second per
+    ``body_min_bytes_per_s`` bytes received (Apache ``mod_reqtimeout``'s MinRate): a stalled
+    or trickling upload gets 408 after a few seconds, while a large image on a slow but
+    moving link keeps earning time. ``max_header_bytes`` / ``max_headers`` bound the header
+    block (431); Serve's HTTP server itself sets no header limit.
+    """
+
+    max_image_bytes: int = 10 * MiB
+    max_request_bytes: int = 16 * MiB
+    max_pixels: int = 25_000_000
+    max_images: int = 16
+    body_timeout_s: float = 5.0
+    body_min_bytes_per_s: int = 16 * 1024
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, base: Limits | None = None) -> Limits:
+        return build_dataclass(cls, data, base=base, what="serving limit").validate()
+
+    def validate(self) -> Limits:
+        for name in (
+            "max_image_bytes",
+            "max_request_bytes",
+            "max_pixels",
+            "max_images",
+            "max_header_bytes",
+            "max_headers",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serving limit {name}={getattr(self, name)} must be >= 1")
+        if not self.body_timeout_s > 0:
+            raise ValueError(
+                f"serving limit body_timeout_s={self.body_timeout_s} must be > 0 seconds; a "
+                "few seconds is typical"
+            )
+        if self.body_min_bytes_per_s < 0:
+            raise ValueError(
+                f"serving limit body_min_bytes_per_s={self.body_min_bytes_per_s} must be >= 0 "
+                "(0: the body deadline is body_timeout_s flat)"
+            )
+        return self
+
+
+@dataclass
+class ServeSettings:
+    """The replica's knobs: Serve ``user_config`` keys (all optional) on top of defaults.
+
+    ``max_batch_size`` is in images (a request with 4 images adds 4); 1 turns batching off.
+    ``batch_wait_mode: adaptive`` (default) sizes the wait of a forming batch with
+    :class:`~ageray.serving.batching.BatchWindow`: a lone request never waits; while a
+    forward is running the batch stays open until that forward should end (it could not
+    start earlier anyway, and this way it collects everything that arrives meanwhile);
+    ``batch_wait_timeout_s`` is the wait when only other requests' decoding is pending.
+    ``fixed`` always waits ``batch_wait_timeout_s`` (Serve's plain behaviour).
+    ``max_inflight_images`` is the replica's admission limit: above it requests get 503 +
+    ``Retry-After`` instead of queueing without bound. ``auth_token_env`` names the
+    environment variable that holds the bearer token (unset or empty: auth off).
+    ``decode_in_thread_bytes``: payloads at least this large are decoded in a worker thread
+    so the event loop keeps accepting requests; small ones decode inline (cheaper).
+    ``reload``: any string; changing it makes Serve call ``reconfigure`` so that a
+    ``models:/<name>@<alias>`` whose alias was moved is resolved again (same URI, new
+    version). ``channels_last``: run the CNN in NHWC memory format (oneDNN / cuDNN pick
+    faster kernels: ~25% more images/s for batches on CPU; answers move by ~1e-5 years).
+    Limit keys may be given flat (``max_image_bytes: 5000000``) or under ``limits``.
+    """
+
+    model_uri: str | None = None
+    reload: str | None = None  # change it to re-resolve an alias that moved (same model_uri)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int | None = None
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002
+    max_inflight_images: int = 256
+    retry_after_s: int = 1
+    rule: Literal["smaller", "bigger"] = "smaller"
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+    auth_token_env: str = "AGERAY_API_TOKEN"
+    decode_in_thread_bytes: int = 256 * 1024
+    batch_wait_mode: Literal["adaptive", "fixed"] = "adaptive"
+    channels_last: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any] | None, base: ServeSettings | None = None
+    ) -> ServeSettings:
+        """Settings from a ``user_config`` dict on top of ``base`` (not mutated) or the
+        defaults; unknown keys fail with the closest known name."""
+        built = build_dataclass(cls, data, base=base, what="serving setting", inline=("limits",))
+        return built.validate()
+
+    def validate(self) -> ServeSettings:
+        self.limits.validate()
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1 (1 = off)")
+        if not 0 <= self.batch_wait_timeout_s <= 1:
+            raise ValueError(
+                f"batch_wait_timeout_s={self.batch_wait_timeout_s} must lie in [0, 1] "
+                "seconds; a few milliseconds is typical"
+            )
+        if self.max_inflight_images < self.limits.max_images:
+            raise ValueError(
+                f"max_inflight_images={self.max_inflight_images} is below max_images="
+                f"{self.limits.max_images}: a full request could never be admitted"
+            )
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or null")
+        if any(b < 1 for b in self.warmup_batch_sizes):
+            raise ValueError(f"warmup_batch_sizes={list(self.warmup_batch_sizes)} must be >= 1")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        """What ``/v1/model`` shows (no secrets: the token's variable name, not its value)."""
+        d = dataclasses.asdict(self)
+        d["auth"] = bool(os.environ.get(self.auth_token_env))
+        return d
