@@ -124,3 +124,18 @@ def test_load_errors(tmp_path: Path) -> None:
     (folder / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"\['backbon'\] are unknown"):
         load_model(folder)
+
+
+def test_model_saved_with_retired_dual_head_still_loads(tmp_path: Path) -> None:
+    """model.json files written before ``model.dual_head`` was retired carry the key."""
+    model, cfg = _trained_ish(tmp_path)
+    folder = save_model(model, tmp_path / "old", cfg)
+    info = json.loads((folder / "model.json").read_text())
+    info["model"]["dual_head"] = True
+    (folder / "model.json").write_text(json.dumps(info))
+    loaded, _ = load_model(folder)
+    assert loaded.head_names == ["vanilla", "balanced"]
+    info["model"]["not_a_key"] = 1
+    (folder / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"model keys \['not_a_key'\] are unknown"):
+        load_model(folder)
