@@ -8,7 +8,8 @@ One module per concern:
 * :mod:`~ageray.tuning.space`      space files, distributions, expressions over ``r``
 * :mod:`~ageray.tuning.resources`  what a trial holds, how many run at once, the PG janitor
 * :mod:`~ageray.tuning.algorithms` Tune's param space, searcher, ASHA and its rungs
-* :mod:`~ageray.tuning.results`    trial records, tables, CSV, best recipe, summary
+* :mod:`~ageray.tuning.records`    one record per trial (read from Tune's saved state)
+* :mod:`~ageray.tuning.results`    the table, CSV, best recipe, files and summary
 * :mod:`~ageray.tuning.plots`      metric vs parameters, curves per epoch
 * :mod:`~ageray.tuning.runs`       the search's MLflow parent and child runs (the policy)
 * :mod:`~ageray.tuning.trial`      one trial: :func:`trial_driver`
@@ -38,6 +39,7 @@ from ageray.tuning.metric import (
     parse_metric,
 )
 from ageray.tuning.plots import plot_curves, plot_metric_vs_params
+from ageray.tuning.records import TrialRecord, best_record, collect_records
 from ageray.tuning.resources import (
     max_concurrent_trials,
     release_orphaned_placement_groups,
@@ -46,11 +48,8 @@ from ageray.tuning.resources import (
 from ageray.tuning.results import (
     SearchOutcome,
     Table,
-    TrialRecord,
     best_recipe,
-    best_record,
     build_table,
-    collect_records,
     format_summary,
     write_best_recipe,
     write_csv,

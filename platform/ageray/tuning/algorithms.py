@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec
-from ageray.tuning.results import TrialRecord
+from ageray.tuning.records import TrialRecord
 from ageray.tuning.space import SearchSettings, SearchSpace
 
 __all__ = ["asha_rungs", "make_scheduler", "make_searcher", "replay_asha", "tune_param_space"]

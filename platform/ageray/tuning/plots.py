@@ -8,13 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec
+from ageray.tuning.records import TrialRecord
 from ageray.tuning.space import ParamSpec, SearchSpace
-
-if TYPE_CHECKING:  # results imports this module to draw the plots it writes
-    from ageray.tuning.results import TrialRecord
 
 __all__ = ["plot_curves", "plot_metric_vs_params"]
 

@@ -20,7 +20,8 @@ from ageray.tuning.metric import (
     MetricSpec,
     finite_number,
 )
-from ageray.tuning.results import SearchOutcome, TrialRecord
+from ageray.tuning.records import TrialRecord
+from ageray.tuning.results import SearchOutcome
 from ageray.tuning.space import SearchSettings, SearchSpace
 
 if TYPE_CHECKING:

@@ -29,12 +29,13 @@ from ageray.tuning.algorithms import (
     tune_param_space,
 )
 from ageray.tuning.metric import MetricSpec, TuningError
+from ageray.tuning.records import collect_records
 from ageray.tuning.resources import (
     max_concurrent_trials,
     release_orphaned_placement_groups,
     trial_resources,
 )
-from ageray.tuning.results import SearchOutcome, collect_records, write_results
+from ageray.tuning.results import SearchOutcome, write_results
 from ageray.tuning.runs import close_search_run, open_search_run, settle_trial_runs
 from ageray.tuning.space import (
     SearchSettings,

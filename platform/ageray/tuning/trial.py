@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ageray.config import Config, config_from_dict
 from ageray.tuning.metric import EPOCH_KEY, FINAL_KEY, MetricSpec, TuningError, parse_metric
-from ageray.tuning.results import short_error
+from ageray.tuning.records import short_error
 from ageray.tuning.runs import open_trial_run
 from ageray.tuning.space import parse_space, resolve_sample, trial_config
 
