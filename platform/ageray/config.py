@@ -23,6 +23,7 @@ import difflib
 import json
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import yaml
 T = TypeVar("T")
 
 __all__ = [
+    "RETIRED_KEYS",
     "AugmentConfig",
     "Config",
     "ConfigError",
@@ -113,6 +115,12 @@ class DataConfig:
     ``shards`` is a folder or ``s3://bucket/prefix`` holding ``manifest.json`` and the split
     shards written by ``jobs.make_shards``. ``batch_size`` is per worker; the global batch is
     ``batch_size * ray.num_workers`` (the learning rate scales with it, see OptimConfig).
+
+    ``augment_on``: ``worker`` runs the training augmentation per image in the DataLoader
+    workers (PIL); ``device`` has the workers only decode (uint8, one size) and runs it on the
+    whole batch on the training device (``ageray.data.augment``), which frees a GPU node's
+    CPUs. ``num_workers``: DataLoader processes per training process, or ``auto`` (this
+    node's CPUs shared by its training processes, one left for each of them).
     """
 
     shards: str = "runs/shards/synthetic"
@@ -125,10 +133,11 @@ class DataConfig:
     normalize: Literal["imagenet", "glae"] = "imagenet"
     batch_size: int = 32
     eval_batch_size: int = 64
-    num_workers: int = 2  # DataLoader worker processes per Ray Train worker
+    num_workers: int | Literal["auto"] = 2  # DataLoader worker processes per Ray Train worker
     shuffle_buffer: int = 1000
     steps_per_epoch: int | None = None  # None: derived from the manifest (same on every rank)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_on: Literal["worker", "device"] = "worker"
     s3_retries: int = 5
 
 
@@ -162,9 +171,6 @@ class ModelConfig:
     drop_rate: float = 0.0
     num_genders: int = 2
     num_races: int = 5
-    # Stage 2 retrains either the whole head on the frozen backbone (GLAE: "the rest of the
-    # network") or only the final classifier (LAE: "freeze the model except for the FC").
-    dual_head: bool = True
     channels_last: bool = False
 
 
@@ -239,6 +245,9 @@ class TrainConfig:
     # Backbone weights from jobs.pretrain (a checkpoint folder or .safetensors file).
     init_from: str | None = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU
+    # torch.compile the model for training (a one-off compile per process, then faster steps;
+    # worth it for long GPU runs, not for a few CPU epochs)
+    compile: bool = False
     sync_bn: bool = False
     checkpoint_keep: int = 2
     checkpoint_metric: str = "val_mae"
@@ -448,6 +457,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+#: Keys that configs written by earlier versions hold (checkpoints, model.json, Tune state)
+#: but that no longer exist; they load with a warning instead of failing, so old runs
+#: resume. The value says what decides the matter now.
+RETIRED_KEYS: dict[str, str] = {
+    "model.dual_head": "it was never read; train.stage2.enabled decides whether stage 2 "
+    "adds the balanced head",
+}
+
+
 def build_dataclass(
     cls: type[T],
     data: Mapping[str, Any] | None,
@@ -479,6 +497,10 @@ def build_dataclass(
     kwargs: dict[str, Any] = {}
     for k, v in items.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in RETIRED_KEYS:
+            message = f"config key '{key}' is retired and ignored: {RETIRED_KEYS[key]}"
+            warnings.warn(message, UserWarning, stacklevel=2)
+            continue
         if k not in names:
             known = names + [
                 f.name for section in inline for f in dataclasses.fields(hints[section])

@@ -419,17 +419,80 @@ def test_bad_input_and_settings_name_the_problem() -> None:
         BatchAugment(_cfg(rrc_scale=(0.9, 0.5)))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_augmentation_equals_cpu() -> None:
-    """The same parameters on the GPU and the CPU give the same batch (float rounding
-    apart: bilinear sampling and the hue arithmetic differ in the last bits)."""
-    cfg = _cfg(size=64, randaugment_n=2, randaugment_m=9)
-    images = _smooth_images(32, decode_size(cfg))
-    aug = BatchAugment(cfg)
-    params = aug.sample(32, images.shape[-2:], augment_generator(seed=0, epoch=0, rank=0))
-    on_cpu = aug.apply(images, params)
-    on_gpu = aug.apply(images.cuda(), params)
-    assert on_gpu.device.type == "cuda"
-    close = (on_gpu.cpu() - on_cpu).abs() < 0.05
-    assert float(close.float().mean()) > 0.995
+# --------------------------------------------------------------------------------------
+# The loader in device mode
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from datagen import make_records
+
+    from ageray.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(
+        iter(make_records(48, size=40)),
+        out,
+        splits={"train": 0.75, "test": 0.25},
+        max_count=12,
+        workers=1,
+        progress=False,
+    )
+    return str(out)
+
+
+def _loader_cfg(shards: str, **data: object) -> DataConfig:
+    augment = AugmentConfig(randaugment_n=2, hue=0.05)
+    return dataclasses.replace(
+        _cfg(size=32), shards=shards, batch_size=8, eval_batch_size=5, num_workers=0,
+        augment=augment, **data,
+    )  # fmt: skip
+
+
+def test_device_mode_workers_decode_and_the_loader_augments(tiny_shards: str) -> None:
+    from ageray.data.loader import train_loader
+
+    cfg = _loader_cfg(tiny_shards, augment_on="device")
+
+    def first_batch(**where: int) -> torch.Tensor:
+        loader = train_loader(cfg, "train", multiprocessing_context=None, **where)
+        return next(iter(loader))["image"]
+
+    batch = first_batch(epoch=0, rank=0, world_size=1, seed=3)
+    assert batch.shape == (8, 3, 32, 32) and batch.dtype == torch.float32
+    assert torch.equal(batch, first_batch(epoch=0, rank=0, world_size=1, seed=3))
+    assert not torch.equal(batch, first_batch(epoch=1, rank=0, world_size=1, seed=3))
+    # the stream itself (which images, in which order) is the worker-mode stream
+    worker = train_loader(
+        dataclasses.replace(cfg, augment_on="worker"), "train", multiprocessing_context=None,
+        seed=3,
+    )  # fmt: skip
+    device = train_loader(cfg, "train", multiprocessing_context=None, seed=3)
+    assert next(iter(worker))["key"] == next(iter(device))["key"]
+
+
+def test_eval_batches_are_the_same_in_both_modes(tiny_shards: str) -> None:
+    from ageray.data.loader import eval_loader
+
+    def batches(mode: str) -> list[dict]:
+        cfg = _loader_cfg(tiny_shards, augment_on=mode)
+        return list(eval_loader(cfg, "test", multiprocessing_context=None))
+
+    worker, device = batches("worker"), batches("device")
+    assert [b["key"] for b in worker] == [b["key"] for b in device]
+    for a, b in zip(worker, device):
+        assert torch.equal(a["image"], b["image"])
+
+
+def test_auto_dataloader_workers_share_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ageray.data.loader import dataloader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert dataloader_workers("auto") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert dataloader_workers("auto") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dataloader_workers("auto") == 1
+    assert dataloader_workers(0) == 0 and dataloader_workers("2") == 2

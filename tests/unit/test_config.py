@@ -96,3 +96,21 @@ def test_flatten_for_mlflow_params() -> None:
     params = flatten(to_dict(load_config(None)))
     assert params["model.backbone"] == "resnet18"
     assert "train.stage2.optim.lr" in params
+
+
+def test_gpu_path_settings_and_retired_keys() -> None:
+    cfg = load_config(None, ["data.augment_on=device", "data.num_workers=auto", "train.compile=1"])
+    assert (cfg.data.augment_on, cfg.data.num_workers, cfg.train.compile) == (
+        "device",
+        "auto",
+        True,
+    )
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+    with pytest.raises(ConfigError, match="augment_on"):
+        load_config(None, ["data.augment_on=gpu"])
+    # a config saved before model.dual_head was retired still loads (with a warning)
+    with pytest.warns(UserWarning, match=r"model.dual_head' is retired"):
+        old = config_from_dict(
+            {"model": {"dual_head": False}, "train": {"stage2": {"enabled": True}}}
+        )
+    assert old.train.stage2.enabled

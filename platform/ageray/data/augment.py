@@ -43,23 +43,27 @@ comes here: it keeps ``build_eval_transform`` (resize + normalise), unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .transforms import NORMALIZE, train_draft_size
+from .transforms import NORMALIZE, ToNormalizedTensor, train_draft_size
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ageray.config import AugmentConfig, DataConfig
 
 __all__ = [
     "RANDAUGMENT_OPS",
     "AugmentParams",
     "BatchAugment",
+    "DeviceAugmenter",
     "augment_generator",
+    "build_decode_transform",
     "decode_size",
     "randaugment_magnitudes",
 ]
@@ -102,6 +106,18 @@ def decode_size(cfg: DataConfig) -> int:
     if cfg.augment.random_resized_crop:
         return train_draft_size(cfg)
     return int(cfg.image_size)
+
+
+def build_decode_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Device mode's per-image work in a DataLoader worker: a square resize to
+    ``decode_size(cfg)`` and the normalising finisher, whose uint8 half
+    (``ToNormalizedTensor.to_uint8``) is what the batching stage writes; the augmentation
+    runs later on the batch (:class:`DeviceAugmenter`)."""
+    from torchvision import transforms as T
+
+    size = decode_size(cfg)
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    return T.Compose([resize, ToNormalizedTensor(cfg.normalize)])
 
 
 def augment_generator(*, seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -623,3 +639,16 @@ def _warp_nearest(pixels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     grid[..., 0] = t[:, 0] * xs + (t[:, 1] * ys + t[:, 2])
     grid[..., 1] = t[:, 3] * xs + (t[:, 4] * ys + t[:, 5])
     return F.grid_sample(pixels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+class DeviceAugmenter:
+    """The training loader's last step in device mode: a uint8 batch already on the
+    training device -> augmented, normalised float32, with this rank's generator for this
+    epoch (``augment_generator``); one per loader iteration."""
+
+    def __init__(self, cfg: DataConfig, *, seed: int, epoch: int, rank: int) -> None:
+        self.augment = BatchAugment(cfg)
+        self.generator = augment_generator(seed=seed, epoch=epoch, rank=rank)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.augment(images, self.generator)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from ageray.data.skips import SkipCounter
 from ageray.data.stages import ShardSample
-from ageray.data.transforms import ToNormalizedTensor
 
 __all__ = ["BATCH_LABELS", "BufferRing", "batched", "collate", "finish_batch", "no_convert"]
 
@@ -132,17 +131,21 @@ def collate(
 
 
 def finish_batch(
-    item: dict[str, Any], normalizer: ToNormalizedTensor, device: torch.device | None
+    item: dict[str, Any],
+    finish_images: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | None,
 ) -> dict[str, Any]:
     """Main-process side of :func:`collate`: uint8 images -> normalised float32 (on
-    ``device`` when given: move 1 byte per pixel, normalise there), label lists -> tensors.
-    Returns the batch format of docs/design.md."""
+    ``device`` when given: move 1 byte per pixel, finish there), label lists -> tensors.
+    ``finish_images`` is ``ToNormalizedTensor.normalize_uint8``, or in device-augmentation
+    mode the batched augmentation that ends with it. Returns the batch format of
+    docs/design.md."""
     out: dict[str, Any] = {}
     if "image_u8" in item:
         x = item["image_u8"]
         if device is not None:
             x = x.to(device, non_blocking=True)
-        out["image"] = normalizer.normalize_uint8(x)
+        out["image"] = finish_images(x)
     else:
         out["image"] = item["image"] if device is None else item["image"].to(device)
     for name, dtype, values in zip(BATCH_LABELS, _LABEL_DTYPES, item["labels"]):

@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 
 from ageray.data import storage
+from ageray.data.augment import DeviceAugmenter, build_decode_transform, decode_size
 from ageray.data.batching import BufferRing, batched, finish_batch, no_convert
 from ageray.data.manifest import read_manifest, split_info
 from ageray.data.readplan import (
@@ -62,7 +63,15 @@ from ageray.data.transforms import (
     train_draft_size,
 )
 
-__all__ = ["ShardLoader", "ShardStream", "StreamSpec", "assemble", "eval_loader", "train_loader"]
+__all__ = [
+    "ShardLoader",
+    "ShardStream",
+    "StreamSpec",
+    "assemble",
+    "dataloader_workers",
+    "eval_loader",
+    "train_loader",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +167,10 @@ def assemble(
     """The stage chain that carries out ``plan`` for ``spec``'s split: batches (dicts)."""
     cfg = spec.cfg
     train = spec.mode == "train"
-    if train:
+    if train and cfg.augment_on == "device":
+        # decode only (uint8, one size); the loader augments the batch on the device
+        transform, draft = build_decode_transform(cfg), decode_size(cfg)
+    elif train:
         transform, draft = build_train_transform(cfg), train_draft_size(cfg)
     else:
         transform, draft = build_eval_transform(cfg), cfg.image_size
@@ -299,6 +311,7 @@ class ShardLoader:
         mapped: dict[int, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=self.dataset.ring_size)
         )
+        finish_images = self._finish_images()
         it = iter(self._dataloader())
         self.worker_pids = [w.pid for w in getattr(it, "_workers", [])]
         produced = 0
@@ -308,7 +321,7 @@ class ShardLoader:
                     self.skipped[reason] = self.skipped.get(reason, 0) + n
                 if "key" not in item:
                     continue  # a counts-only item from a worker that had nothing left
-                batch = finish_batch(item, self.normalizer, self.device)
+                batch = finish_batch(item, finish_images, self.device)
                 if item.get("__buffer__") is not None and nw > 0:
                     worker, seq = item["__buffer__"]
                     mapped[worker].append(item["image_u8"])
@@ -329,6 +342,28 @@ class ShardLoader:
                 f"{self.spec.cfg.shards} or re-create them with jobs.make_shards"
             )
 
+    def _finish_images(self) -> Any:
+        """What turns a uint8 batch (on the device) into the model's input: the batched
+        augmentation in device mode (training), else the normalisation."""
+        spec = self.spec
+        if spec.mode == "train" and spec.cfg.augment_on == "device":
+            return DeviceAugmenter(spec.cfg, seed=spec.seed, epoch=spec.epoch, rank=spec.rank)
+        return self.normalizer.normalize_uint8
+
+
+def dataloader_workers(setting: int | str) -> int:
+    """``data.num_workers`` as a number. ``"auto"``: the CPUs this process may run on,
+    shared by the training processes of this node (``LOCAL_WORLD_SIZE``, which
+    torch.distributed launchers and Ray Train set), one kept for each training process."""
+    if setting != "auto":
+        return int(setting)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, cpus // local - 1)
+
 
 def _stream_spec(
     cfg: Any, split: str, *, rank: int, world_size: int, **kw: Any
@@ -346,7 +381,7 @@ def _stream_spec(
         counts=[int(s["count"]) for s in info["shards"]],
         rank=rank,
         world_size=world_size,
-        num_workers=int(cfg.num_workers),
+        num_workers=dataloader_workers(cfg.num_workers),
         aws_env=_aws_env(),
         **kw,
     )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ageray.config import Config, ModelConfig, to_dict
+from ageray.config import RETIRED_KEYS, Config, ModelConfig, to_dict
 
 from .age_model import AgeModel, build_model
 
@@ -131,7 +131,10 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
 
 
 def _model_config(data: dict[str, Any], source: Path) -> ModelConfig:
+    """``model.json``'s model section as a ModelConfig; keys an older ageray wrote and this one
+    retired (``config.RETIRED_KEYS``, e.g. ``dual_head``) are dropped, so old models load."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    data = {k: v for k, v in data.items() if f"model.{k}" not in RETIRED_KEYS}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(

@@ -24,7 +24,14 @@ from ageray.training.checkpoint import materialize
 from ageray.training.loop import train_worker
 from ageray.training.plans import StageSpec
 
-__all__ = ["StageResult", "init_ray", "local_run_dir", "run_stage_on_ray", "storage_args"]
+__all__ = [
+    "StageResult",
+    "init_ray",
+    "local_run_dir",
+    "process_group_backend",
+    "run_stage_on_ray",
+    "storage_args",
+]
 
 
 @dataclass
@@ -132,6 +139,13 @@ def _scaling(cfg: Config):
     )
 
 
+def process_group_backend(cfg: Config) -> str:
+    """torch.distributed's backend for the worker group: NCCL between GPUs (gradients
+    all-reduced device to device), gloo on CPUs. Said explicitly rather than left to Ray's
+    default, so a GPU run cannot silently fall back to gloo."""
+    return "nccl" if cfg.ray.use_gpu else "gloo"
+
+
 def _metric_for(stage: str, cfg: Config) -> tuple[str, str]:
     if stage == "pretrain":
         return "train_loss", "min"
@@ -160,7 +174,7 @@ def run_stage_on_ray(
     ``TuneReportCallback`` when a Tune trial drives this stage (each epoch's report then
     reaches Tune's scheduler)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ageray.data import storage
 
@@ -202,6 +216,7 @@ def run_stage_on_ray(
         train_worker,
         train_loop_config=spec.to_dict(),
         scaling_config=_scaling(cfg),
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
         run_config=RunConfig(
             name=stage,
             checkpoint_config=CheckpointConfig(

@@ -41,7 +41,7 @@ from ageray.training.context import (
 from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
 from ageray.training.plans import StageSpec, plan_for
 
-__all__ = ["run_local", "run_stage", "train_worker"]
+__all__ = ["prepare_for_device", "run_local", "run_stage", "train_step", "train_worker"]
 
 
 # ------------------------------------------------------------------------ helpers
@@ -81,6 +81,63 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def prepare_for_device(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+) -> nn.Module:
+    """The GPU path's model settings: cuDNN picks its fastest kernels for our fixed input
+    sizes (``cudnn.benchmark``), weights in channels_last (what bf16 convolutions on tensor
+    cores want; CUDA only) and, with ``compile``, ``torch.compile`` in place (the state
+    dict keeps its names, so checkpoints and saved models are unchanged)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile(backend=compile_backend)
+    return model
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    step: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: list[nn.Parameter],
+    device: torch.device,
+    amp: str = "auto",
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+    where: str = "",
+) -> dict[str, float]:
+    """One optimisation step on ``batch``: to the device (non-blocking from pinned memory),
+    channels_last on CUDA, the plan's loss ``step`` under autocast (bf16 on GPU), backward,
+    gradient clipping, optimiser and scheduler. Returns the step's logged parts (``loss``,
+    ``grad_norm``, ...). The loop and ``benchmarks.gpu_check`` both step through here."""
+    batch = _to_device(batch, device)
+    if channels_last and device.type == "cuda":
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        loss, parts = step(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{where}: loss is {loss.item()}; lower the learning rate (train.*.optim.lr) or "
+            "enable gradient clipping"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts["grad_norm"] = clip_gradients(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return parts
+
+
 def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for d in dicts:
@@ -107,14 +164,16 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
         if device.type != "cuda":
             raise ValueError("train.sync_bn needs GPUs (NCCL); set train.sync_bn=false on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.model.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_for_device(
+        model, device, channels_last=cfg.model.channels_last, compile=cfg.train.compile
+    )
     model = ctx.prepare_model(model)
     params = [p for p in plan.params if p.requires_grad]
 
     data_cfg = plan.data_cfg or cfg.data
     global_batch = data_cfg.batch_size * ctx.world_size
-    # On GPU the stream delivers uint8 images to the device and normalises them there.
+    # On GPU the stream delivers uint8 images to the device and normalises them there (and,
+    # with data.augment_on=device, augments them there).
     stream_device = device if device.type == "cuda" else None
 
     def make_loader(epoch: int):
@@ -133,7 +192,7 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
     first = make_loader(0)
     align_meta = alignment_meta(data_cfg.shards)
     steps = len(first)
-    optimizer = build_optimizer(params, plan.optim, global_batch)
+    optimizer = build_optimizer(params, plan.optim, global_batch, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, plan.optim, plan.epochs, steps)
     logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=ctx.rank == 0)
 
@@ -183,21 +242,19 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
                 step=step_i,
                 cfg_run=cfg.run,
             )
-            batch = _to_device(batch, device)
-            if cfg.model.channels_last and device.type == "cuda":
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with autocast(device, cfg.train.amp):
-                loss, parts = plan.step(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{spec.stage} epoch {epoch} step {step_i}: loss is {loss.item()}; lower "
-                    "the learning rate (train.*.optim.lr) or enable gradient clipping"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            parts["grad_norm"] = clip_gradients(params, plan.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            parts = train_step(
+                model,
+                batch,
+                step=plan.step,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                params=params,
+                device=device,
+                amp=cfg.train.amp,
+                channels_last=cfg.model.channels_last,
+                grad_clip=plan.optim.grad_clip,
+                where=f"{spec.stage} epoch {epoch} step {step_i}",
+            )
             global_step += 1
             n = int(batch["image"].shape[0])
             seen += n

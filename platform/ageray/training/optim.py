@@ -11,6 +11,7 @@ continues the same curve.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -48,10 +49,29 @@ def _param_groups(params: Iterable[nn.Parameter] | nn.Module, weight_decay: floa
     return groups
 
 
+def _fused(optimizer: type[torch.optim.Optimizer], groups: list[dict], wanted: bool) -> dict:
+    """``{"fused": True}`` when asked for, this torch's ``optimizer`` has a fused kernel and
+    every parameter is a floating-point CUDA tensor (what the fused kernels require)."""
+    if not wanted or "fused" not in inspect.signature(optimizer).parameters:
+        return {}
+    tensors = [p for g in groups for p in g["params"]]
+    if all(p.is_cuda and p.is_floating_point() for p in tensors):
+        return {"fused": True}
+    return {}
+
+
 def build_optimizer(
-    params: Iterable[nn.Parameter] | nn.Module, cfg: OptimConfig, global_batch: int
+    params: Iterable[nn.Parameter] | nn.Module,
+    cfg: OptimConfig,
+    global_batch: int,
+    *,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov, momentum) or AdamW over the trainable parameters."""
+    """SGD (Nesterov, momentum) or AdamW over the trainable parameters.
+
+    ``fused``: use torch's fused (one multi-tensor kernel) implementation where it has one
+    and the parameters are on a GPU; the update is the same, the step several times
+    cheaper on a GPU. Ignored otherwise."""
     lr = effective_lr(cfg, global_batch)
     groups = _param_groups(params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -60,9 +80,10 @@ def build_optimizer(
             lr=lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
+            **_fused(torch.optim.SGD, groups, fused),
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **_fused(torch.optim.AdamW, groups, fused))
     raise ValueError(f"optim.optimizer={cfg.optimizer!r}: choose sgd or adamw")
 
 
