@@ -12,7 +12,7 @@ Usage::
     flatten(to_dict(cfg))         # {"model.backbone": "resnet50", ...} for MLflow params
 
 Sections (each documented on its class): ``run``, ``data``, ``model``, ``loss``, ``train``
-(``stage1``, ``stage2``), ``pretrain``, ``ray``, ``tracking``, ``eval``.
+(``stage1``, ``stage2``), ``pretrain``, ``ray``, ``tracking``, ``eval``, ``routing``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ __all__ = [
     "OptimConfig",
     "PretrainConfig",
     "RayConfig",
+    "RoutingConfig",
     "RunSection",
     "Stage1Config",
     "Stage2Config",
@@ -307,6 +308,36 @@ class EvalConfig:
     ccs_max: int = 10
 
 
+#: Rules a model may apply to a request (``ageray.model.routing``; ``oracle`` never).
+SERVABLE_ROUTING_RULES = ("smaller", "bigger", "threshold", "learned")
+FITTED_ROUTING_RULES = ("threshold", "learned")
+
+
+@dataclass
+class RoutingConfig:
+    """Which head answers each image (``ageray.model.routing``) and how the fitted rules fit.
+
+    ``rule``: what the saved model applies by default (Serve, the pyfunc model, exports):
+    ``smaller`` (GLAE eq. 11), ``bigger`` (Table IX's ablation), ``threshold`` (vanilla iff
+    KL_van < tau * KL_bal) or ``learned`` (a small router on per-image features). ``fit``:
+    the fitted rules to fit after stage 2 on ``fit_split`` and save in the model (the served
+    one is fitted in any case), so the evaluation table has every row. ``oracle`` (the head
+    closer to the true age) is an evaluation bound and never a choice here.
+    ``weighting``: ``age`` (every age counts equally: the fit targets CMAE) or ``instance``
+    (every image: MAE). The learned router: ``mode`` ``soft`` (mixes the heads) or ``hard``
+    (picks one), ``hidden`` tanh units (0: logistic regression), ``weight_decay``, ``steps``.
+    """
+
+    rule: str = "smaller"
+    fit: list[str] = field(default_factory=lambda: list(FITTED_ROUTING_RULES))
+    fit_split: str = "val"
+    weighting: Literal["age", "instance"] = "age"
+    mode: Literal["soft", "hard"] = "soft"
+    hidden: int = 8
+    weight_decay: float = 1e-3
+    steps: int = 800
+
+
 @dataclass
 class Config:
     """A whole run. Every field has a default, so an empty YAML is a valid (tiny) run."""
@@ -320,6 +351,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def validate(self) -> Config:
         """Cross-field checks that a single type cannot express. Returns self."""
@@ -349,7 +381,36 @@ class Config:
                 raise ConfigError(f"data.{name} must be positive")
         if self.ray.num_workers < 1:
             raise ConfigError("ray.num_workers must be at least 1")
+        self._validate_routing()
         return self
+
+    def _validate_routing(self) -> None:
+        r = self.routing
+        if r.rule == "oracle":
+            raise ConfigError(
+                "routing.rule=oracle: the oracle reads the true age, so it is an evaluation "
+                f"bound and never served; choose one of {list(SERVABLE_ROUTING_RULES)}"
+            )
+        if r.rule not in SERVABLE_ROUTING_RULES:
+            raise ConfigError(
+                f"routing.rule={r.rule!r} is not one of {list(SERVABLE_ROUTING_RULES)}"
+            )
+        bad = [n for n in r.fit if n not in FITTED_ROUTING_RULES]
+        if bad:
+            raise ConfigError(
+                f"routing.fit={r.fit}: {bad} need no fitting or do not exist; fitted rules "
+                f"are {list(FITTED_ROUTING_RULES)}"
+            )
+        if r.fit_split == self.data.test_split:
+            raise ConfigError(
+                f"routing.fit_split={r.fit_split!r} is the test split: routers are fitted on "
+                "a held-out split (val), never on the data they are scored on"
+            )
+        if r.hidden < 0 or r.steps < 1 or r.weight_decay < 0:
+            raise ConfigError(
+                f"routing.hidden={r.hidden} (>= 0), routing.steps={r.steps} (>= 1), "
+                f"routing.weight_decay={r.weight_decay} (>= 0)"
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -51,8 +51,13 @@ class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
+        from ageray.model import check_servable
+
         x = self._tensor(model_input)
-        pred = self.model.predict(x, flip=True, rule=(params or {}).get("rule", "smaller"))
+        rule = (params or {}).get("rule")  # None: the model's own (possibly fitted) rule
+        if rule is not None:
+            check_servable(str(rule), "pyfunc params.rule")
+        pred = self.model.predict(x, flip=True, rule=rule)
         out: dict[str, Any] = {
             "age": pred.age.float().cpu().numpy(),
             "head": np.where(pred.head.cpu().numpy() == 1, "balanced", "vanilla"),

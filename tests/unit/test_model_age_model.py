@@ -211,7 +211,10 @@ def test_predict_routes_between_heads() -> None:
     probs, choice, kl_v, kl_b = adaptive_route(pv[:4], pv[4:], pb[:4], pb[4:])
     assert torch.equal(pred.head, choice)
     assert torch.allclose(pred.probs, probs, atol=1e-6)
-    assert torch.allclose(v["kl"], kl_v, atol=1e-9) and torch.allclose(b["kl"], kl_b, atol=1e-9)
+    # The model's KL is float32 from log-softmax (traceable, no float64): the float64
+    # reference on probabilities agrees to float32 precision.
+    assert torch.allclose(v["kl"].double(), kl_v, atol=1e-6)
+    assert torch.allclose(b["kl"].double(), kl_b, atol=1e-6)
     routed = torch.where(choice.bool(), b["age"], v["age"])
     assert torch.allclose(pred.age, routed, atol=1e-4)
     bigger = model.predict(x, rule="bigger")

@@ -8,6 +8,9 @@ docs/design.md)::
     FeatureRearrangement(in_channels, r, kernel_size, stride, num_classes=101)
     adaptive_route(p_van, p_van_flip, p_bal, p_bal_flip, rule="smaller")
         -> (probs, choice, kl_van, kl_bal)
+
+Routing rules by name (``smaller``, ``bigger``, ``threshold``, ``learned``, ``oracle``):
+``make_rule(name, **settings)``, ``ROUTING_RULES``; ``model.predict(x, rule=...)``.
 """
 
 from .age_model import AgeModel, Prediction, build_model
@@ -18,10 +21,22 @@ from .fr import FeatureRearrangement, fr_output_size, fr_padding, table_iii_pair
 from .heads import AgeHead, GLAEHead, LinearHead, Projection
 from .io import load_model, read_model_info, save_model
 from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
-from .routing import adaptive_route, kl_rows
+from .routing import (
+    FEATURES,
+    ROUTING_RULES,
+    LearnedRouter,
+    RoutingRule,
+    adaptive_route,
+    check_servable,
+    kl_rows,
+    make_rule,
+    servable_rules,
+)
 
 __all__ = [
+    "FEATURES",
     "FORMULATIONS",
+    "ROUTING_RULES",
     "AgeHead",
     "AgeModel",
     "Backbone",
@@ -30,14 +45,17 @@ __all__ = [
     "Formulation",
     "GLAEHead",
     "HybridMultiTask",
+    "LearnedRouter",
     "LinearHead",
     "LoadReport",
     "ParallelMultiTask",
     "Prediction",
     "Projection",
+    "RoutingRule",
     "adaptive_route",
     "age_from_probs",
     "build_model",
+    "check_servable",
     "count_parameters",
     "create_backbone",
     "find_weights_file",
@@ -45,9 +63,11 @@ __all__ = [
     "fr_padding",
     "kl_rows",
     "load_model",
+    "make_rule",
     "parameter_breakdown",
     "read_model_info",
     "read_state_dict",
     "save_model",
+    "servable_rules",
     "table_iii_pairs",
 ]

@@ -25,10 +25,19 @@ from torch import nn
 from ageray.config import Config, DataConfig, ModelConfig
 
 from .backbone import Backbone, LoadReport, create_backbone
-from .formulation import Formulation, age_from_probs
+from .formulation import Formulation
 from .heads import AgeHead, GLAEHead, LinearHead
 from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
-from .routing import adaptive_route, kl_rows
+from .routing import (
+    ROUTING_RULES,
+    RoutingRule,
+    check_servable,
+    head_stats,
+    make_rule,
+    mix_ages,
+    mix_heads,
+    route_features,
+)
 
 __all__ = ["AgeModel", "Prediction", "build_model"]
 
@@ -42,9 +51,12 @@ class Prediction:
 
     ``age`` (B,) the routed answer; ``probs`` (B, K) its flip-averaged distribution (None for
     mse/mae/ordinal); ``head`` (B,) 0 = vanilla, 1 = balanced; ``heads[name]`` = {"age",
-    "probs", "kl"} per head (kl = KL(p || p_flip), None without flip or a distribution);
-    ``gender`` / ``race`` (B, G) / (B, R) flip-averaged probabilities of the vanilla head for
-    multi-task models, else None.
+    "probs", "kl", "std", "entropy"} per head (kl = KL(p || p_flip), None without flip or a
+    distribution); ``gender`` / ``race`` (B, G) / (B, R) flip-averaged probabilities of the
+    vanilla head for multi-task models, else None. When two distribution heads were routed:
+    ``rule`` (its name), ``weight`` (B,) the balanced head's weight (0 or 1 for a hard rule)
+    and ``features`` (B, 9) the routing features (``ageray.model.routing.FEATURES``), from
+    which evaluation scores every other rule without another forward pass.
     """
 
     age: torch.Tensor
@@ -53,6 +65,9 @@ class Prediction:
     heads: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
     gender: torch.Tensor | None = None
     race: torch.Tensor | None = None
+    rule: str | None = None
+    weight: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 class AgeModel(nn.Module):
@@ -79,6 +94,10 @@ class AgeModel(nn.Module):
         self.channels_last = bool(cfg.channels_last)
         self.stage2_trainable: Trainable | None = None
         self._frozen: list[str] = []  # submodules kept in eval mode (frozen for stage 2)
+        # Fitted routing rules (threshold, learned): buffers saved with the weights. The
+        # parameter-free rules (smaller, bigger) are built on demand and never stored.
+        self.routers = nn.ModuleDict()
+        self.routing_rule = "smaller"  # what predict() applies by default (GLAE eq. 11)
 
     # ------------------------------------------------------------------ properties
 
@@ -191,6 +210,71 @@ class AgeModel(nn.Module):
         """Load trunk weights (identity pretraining, LAE 2.3) from a file, folder or dict."""
         return self.backbone.load_pretrained(source)
 
+    # ------------------------------------------------------------------ routing
+
+    def set_router(self, rule: RoutingRule, *, serve: bool = True) -> None:
+        """Attach a fitted rule (stored with the weights); ``serve`` makes it the default
+        rule of ``predict`` (and so of Serve, the pyfunc model and exports)."""
+        if not isinstance(rule, RoutingRule):
+            raise TypeError(f"set_router expects a RoutingRule, got {type(rule).__name__}")
+        check_servable(rule.name, "AgeModel.set_router")
+        if not rule.is_fitted:
+            raise ValueError(f"routing rule {rule.name!r} is not fitted; call rule.fit() first")
+        device = next(self.parameters()).device
+        self.routers[rule.name] = rule.to(device)
+        if serve:
+            self.routing_rule = rule.name
+
+    def use_rule(self, name: str) -> None:
+        """Make ``name`` the default rule (a fitted one must be attached already)."""
+        check_servable(name, "AgeModel.use_rule")
+        self.routing_module(name)
+        self.routing_rule = name
+
+    def routing_info(self) -> dict[str, Any]:
+        """``model.json``'s ``routing`` entry: the default rule and, per attached fitted rule,
+        the settings that rebuild it (its tensors are in the safetensors file) and its fit
+        report."""
+        rules = {
+            name: {"settings": rule.settings(), "fit": rule.fit_report or {}}
+            for name, rule in self.routers.items()
+        }
+        return {"rule": self.routing_rule, "rules": rules}
+
+    def restore_routing(self, info: Mapping[str, Any] | None) -> None:
+        """Rebuild the attached rules from ``routing_info()`` (before ``load_state_dict``
+        fills their buffers) and the default rule. ``None``: a model saved before routing
+        rules existed, which routes by GLAE's eq. 11."""
+        info = info or {}
+        for name, spec in (info.get("rules") or {}).items():
+            rule = make_rule(name, **(spec.get("settings") or {}))
+            rule.fit_report = dict(spec.get("fit") or {})
+            self.routers[name] = rule
+        default = info.get("rule", "smaller")
+        check_servable(default, "model.json routing.rule")
+        if ROUTING_RULES[default].needs_fit and default not in self.routers:
+            raise ValueError(
+                f"model.json: routing.rule={default!r} but no fitted {default!r} rule is saved"
+            )
+        self.routing_rule = default
+
+    def routing_module(self, rule: str | RoutingRule | None = None) -> RoutingRule:
+        """The rule module for a name (default: ``routing_rule``): the attached fitted one,
+        or a fresh parameter-free one; a rule that needs fitting and is not attached fails."""
+        if isinstance(rule, RoutingRule):
+            return rule
+        name = self.routing_rule if rule is None else rule
+        if name in self.routers:
+            return self.routers[name]  # type: ignore[return-value]
+        module = make_rule(name)
+        if ROUTING_RULES[name].needs_fit:
+            raise ValueError(
+                f"this model has no fitted {name!r} routing rule (fitted: "
+                f"{sorted(self.routers.keys()) or 'none'}); fit it on a validation split and "
+                "attach it with model.set_router(rule), or use 'smaller' / 'bigger'"
+            )
+        return module
+
     # ------------------------------------------------------------------ inference
 
     def predict(
@@ -198,30 +282,42 @@ class AgeModel(nn.Module):
         images: torch.Tensor,
         *,
         flip: bool = True,
-        rule: Literal["smaller", "bigger"] = "smaller",
+        rule: str | RoutingRule | None = None,
+        labels: torch.Tensor | None = None,
     ) -> Prediction:
         """GLAE's test protocol: the images and their horizontal flips in ONE forward pass,
         every head.
 
         Per head (distribution formulations): probs = 0.5 * (p + p_flip), age = the
         expectation of probs, kl = KL(p || p_flip). With a balanced head the answer is
-        ``adaptive_route`` (``rule``); with one head it is the vanilla head (head 0). Without
-        flip there is no KL, so the vanilla head answers. Regression / ordinal formulations:
-        age = mean of the image and flip ages, head 0. Runs in eval mode under
-        ``torch.inference_mode`` and restores the previous mode.
+        routed by ``rule`` (default: the model's ``routing_rule``, "smaller" = GLAE eq. 11
+        unless a fitted rule was made the default; see ``ageray.model.routing``); with one
+        head it is the vanilla head (head 0). ``labels`` are only for the evaluation-only
+        ``oracle`` bound. Without flip there is no KL, so the vanilla head answers.
+        Regression / ordinal formulations: age = mean of the image and flip ages, head 0.
+        Runs in eval mode under ``torch.inference_mode`` and restores the previous mode.
         """
         was_training = self.training
         names = list(self.heads.keys())
+        module = self.routing_module(rule)
         try:
             self.eval()
             with torch.inference_mode():
-                return self._predict(images, names, flip=flip, rule=rule)
+                return self._predict(images, names, flip=flip, rule=module, labels=labels)
         finally:
             self.train(was_training)
 
     def _predict(
-        self, images: torch.Tensor, names: list[str], *, flip: bool, rule: str
+        self,
+        images: torch.Tensor,
+        names: list[str],
+        *,
+        flip: bool,
+        rule: RoutingRule,
+        labels: torch.Tensor | None = None,
     ) -> Prediction:
+        """The traceable body of ``predict``: Python branches only on the model's structure
+        (heads, formulation, flip), never on data values."""
         b = images.shape[0]
         batch = torch.cat([images, images.flip(-1)]) if flip else images
         out = self.forward(batch, heads=names, return_local=False)
@@ -234,30 +330,32 @@ class AgeModel(nn.Module):
             return a if f is None else 0.5 * (a + f)
 
         heads: dict[str, dict[str, torch.Tensor | None]] = {}
-        dists: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name in names:
             d = out[name]
             if "logits" in d:
-                p, pf = split(torch.softmax(d["logits"].float(), -1))
-                probs = p if pf is None else 0.5 * (p + pf)
-                kl = None if pf is None else kl_rows(p, pf)
-                heads[name] = {"age": age_from_probs(probs), "probs": probs, "kl": kl}
-                dists[name] = (p, pf)
+                heads[name] = head_stats(*split(d["logits"]))
             else:
                 heads[name] = {"age": avg(d["age"].float()), "probs": None, "kl": None}
         van = heads["vanilla"]
         age: torch.Tensor = van["age"]  # type: ignore[assignment]
         probs = van["probs"]
         choice = torch.zeros(b, dtype=torch.long, device=images.device)
-        if flip and "vanilla" in dists and "balanced" in dists:
-            (pv, pvf), (pb, pbf) = dists["vanilla"], dists["balanced"]
-            probs, choice, _, _ = adaptive_route(pv, pvf, pb, pbf, rule=rule)  # type: ignore[arg-type]
-            age = age_from_probs(probs)
+        routed: dict[str, Any] = {}
+        bal = heads.get("balanced")
+        if flip and van["kl"] is not None and bal is not None and bal["kl"] is not None:
+            features = route_features(van, bal)
+            weight = rule(features, labels)
+            probs = mix_heads(van["probs"], bal["probs"], weight)  # type: ignore[arg-type]
+            age = mix_ages(van["age"], bal["age"], weight)  # type: ignore[arg-type]
+            choice = (weight >= 0.5).long()
+            routed = {"rule": rule.name, "weight": weight, "features": features}
         gender = race = None
         if "gender_logits" in out["vanilla"]:
             gender = avg(torch.softmax(out["vanilla"]["gender_logits"].float(), -1))
             race = avg(torch.softmax(out["vanilla"]["race_logits"].float(), -1))
-        return Prediction(age=age, probs=probs, head=choice, heads=heads, gender=gender, race=race)
+        return Prediction(
+            age=age, probs=probs, head=choice, heads=heads, gender=gender, race=race, **routed
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ holds only tensors; the architecture is rebuilt from ``model.json`` by ``build_m
      "heads": ["vanilla", "balanced"],
      "data": {"image_size": 112, "normalize": "imagenet"},
      "align": false,
+     "routing": {"rule": "learned",       # the rule predict() / Serve apply by default
+                 "rules": {"learned": {"settings": {...}, "fit": {...}}}},
      "meta": {...}}
+
+A fitted routing rule's tensors (``routers.<name>.*``) are in ``model.safetensors`` with the
+rest of the weights; ``routing`` says how to rebuild the modules that hold them.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ def save_model(
         "heads": model.head_names,
         "data": data,
         "align": bool(meta.get("align", False)),
+        "routing": model.routing_info(),
         "meta": meta,
     }
     text = json.dumps(info, indent=2, default=_json_default)
@@ -164,6 +170,7 @@ def load_model(
     heads = info.get("heads") or ["vanilla"]
     if "balanced" in heads:
         model.add_balanced_head(freeze=False)
+    model.restore_routing(info.get("routing"))
     device = str(map_location) if isinstance(map_location, torch.device) else map_location
     state = load_file(str(weights), device=device)
     try:

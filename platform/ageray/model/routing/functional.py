@@ -1,9 +1,9 @@
-"""Adaptive Routing (GLAE III-D, eq. 11): per image, answer with the head whose prediction
-moves least when the image is flipped.
+"""GLAE's eq. 11 on probabilities: ``adaptive_route`` and ``kl_rows`` (stable public names,
+ARCHITECTURE.md), float64 KL.
 
-Kept here, not in ``ageray.losses``: serving needs it without the training code, and the KL
-used for routing must be exactly eq. 11's direction, KL(p || p_flip), evaluated safely on
-float32 softmax outputs that can underflow to exact zeros.
+This is the reference form of the two KL rules; the model routes through the rule registry
+(``ageray.model.routing``: float32, features, any rule), and the tests hold the two to the same
+choices.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def adaptive_route(
     Inputs are (B, K) torch tensors or numpy arrays (a single (K,) row is treated as B = 1).
     Outputs are torch tensors: probs (B, K) in the inputs' float dtype, choice (B,) int64,
     and kl_van, kl_bal (B,) in float64 (the comparison is made in float64).
+
+    The model itself routes through the rule registry below (float32, any rule); this
+    function is the reference form of the two KL rules on probabilities.
     """
     if rule not in ("smaller", "bigger"):
         raise ValueError(f"adaptive_route: rule={rule!r} must be 'smaller' (AR) or 'bigger'")
