@@ -449,6 +449,8 @@ def test_batch_window() -> None:
 
 def test_channels_last_serving_matches_plain_model(model_dir: Path, served) -> None:
     fast = load_served_model(str(model_dir), "cpu", channels_last=True)
-    x = torch.stack([served.model_input(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in range(4)])
+    x = torch.stack(
+        [served.model_input(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in range(4)]
+    )
     for a, b in zip(fast.forward(x), served.forward(x)):
         assert abs(a["age"] - b["age"]) < 1e-4 and a["head"] == b["head"]

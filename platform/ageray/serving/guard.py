@@ -150,7 +150,8 @@ class RequestGuard:
         limits = self._limits()
         headers = scope.get("headers") or []
         try:
-            check_headers(headers, limits)
+            target = (scope.get("raw_path") or b"") + (scope.get("query_string") or b"")
+            check_headers(headers, limits, target)
             declared, has_body = declared_length(headers)
             if not has_body:  # GET probes: nothing to wait for
                 await self.app(scope, receive, send)

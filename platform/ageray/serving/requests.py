@@ -82,11 +82,14 @@ def content_length_cap(content_type: str | None, limits: Limits) -> int:
     return limits.max_image_bytes if is_raw_media(content_type) else limits.max_request_bytes
 
 
-def check_headers(headers: Iterable[tuple[bytes, bytes]], limits: Limits) -> None:
+def check_headers(
+    headers: Iterable[tuple[bytes, bytes]], limits: Limits, target: bytes = b""
+) -> None:
     """431 when the header block has more than ``max_headers`` fields or more than
-    ``max_header_bytes`` bytes (names + values + separators, as on the wire)."""
+    ``max_header_bytes`` bytes (names + values + separators as on the wire, plus the request
+    target: a megabyte URL costs the same as a megabyte header)."""
     count = 0
-    size = 0
+    size = len(target)
     for name, value in headers:
         count += 1
         size += len(name) + len(value) + 4  # ": " and CRLF
