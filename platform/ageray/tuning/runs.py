@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ageray.config import Config, flatten
+from ageray.tracking import Tracker
 from ageray.tuning.metric import (
     DERIVED_KEY,
     EPOCH_KEY,
@@ -23,9 +24,6 @@ from ageray.tuning.metric import (
 from ageray.tuning.records import TrialRecord
 from ageray.tuning.results import SearchOutcome
 from ageray.tuning.space import SearchSettings, SearchSpace
-
-if TYPE_CHECKING:
-    from ageray.tracking import Tracker
 
 __all__ = [
     "backfill_epochs",
@@ -111,8 +109,6 @@ def open_search_run(
 ) -> tuple[Tracker, str | None]:
     """The search's parent run (``cfg.run.name`` is the search's name; found again by its
     tags on resume) with the search's settings, space and metric as params."""
-    from ageray.tracking import Tracker
-
     tracker = Tracker(cfg, enabled=enabled)
     parent = tracker.start_pipeline("tune-search", resume=resume)
     if parent:
