@@ -3,6 +3,11 @@
     python -m jobs.evaluate --model models:/ageray@candidate --shards runs/shards/synthetic \\
         --split test --output runs/eval
     python -m jobs.evaluate --model runs/demo/stage2/model --baseline runs/base/stage1/model ...
+    python -m jobs.evaluate --model old/stage2/model --fit-routing ...   # fit missing rules on val
+
+Every routing rule is a row (bigger, smaller = GLAE's AR, threshold and learned when the model
+carries them, the oracle bound) with the share of the smaller -> oracle gap it closes, and
+many/medium/few-shot MAE by training images per age (from the shards' manifest).
 
 ``--model`` is a model folder, a checkpoint folder, an MLflow URI (``models:/name@alias``,
 ``models:/name/3``, ``runs:/<run id>/...``) or an MLflow run id whose logged model to use.
@@ -25,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="folder for report.json, report.md, PNGs")
     p.add_argument("--baseline", help="an l_base model to add as the first row")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time averaging")
+    p.add_argument(
+        "--fit-routing",
+        action="store_true",
+        help="fit the routing rules of routing.fit the model lacks on routing.fit_split (val) "
+        "first, in memory (models saved before routing rules existed)",
+    )
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = p.parse_args(argv)
     setup_logging()
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         ccs_max=cfg.eval.ccs_max,
         baseline_ref=args.baseline,
         num_workers=cfg.data.num_workers,
+        routing=cfg.routing if args.fit_routing else None,
+        train_split=cfg.data.train_split,
     )
     if tracker.enabled:
         tracker.start_pipeline("evaluate")

@@ -1,9 +1,14 @@
 """Evaluation of a trained model on a split: every metric for every Table IX row the model
-has (``l_base`` when a baseline is given, ``vanilla``, ``balanced``, ``routed`` = smaller KL,
-``routed_bigger`` = bigger KL), routing usage per age group, per-age MAE and CCS.
+has (``l_base`` when a baseline is given, ``vanilla``, ``balanced``, and one row per routing
+rule: ``routed_bigger`` = bigger KL, ``routed`` = smaller KL (GLAE's AR), ``routed_threshold``
+and ``routed_learned`` when the model carries those fitted rules, and ``oracle``, the head
+closer to the true age, marked as a bound), the share of the smaller -> oracle gap each row
+closes, the many/medium/few-shot MAE of deep imbalanced regression (by training images per
+age), routing usage per age group, per-age MAE and CCS.
 
 Every sample of the split is predicted exactly once (the eval stream guarantees it), with the
-GLAE test protocol: the image and its flip through both heads in one pass.
+GLAE test protocol: the image and its flip through both heads in one pass; every rule is
+scored from that one pass (``ageray.inference.collect_predictions``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ageray import metrics as M
-from ageray.config import Config
+from ageray.config import Config, RoutingConfig
 
 __all__ = [
     "ROW_ORDER",
@@ -26,9 +31,28 @@ __all__ = [
     "evaluate_model",
     "evaluate_to_dir",
     "format_table",
+    "gap_closed",
 ]
 
-ROW_ORDER = ("l_base", "vanilla", "balanced", "routed_bigger", "routed")
+ROW_ORDER = (
+    "l_base",
+    "vanilla",
+    "balanced",
+    "routed_bigger",
+    "routed",
+    "routed_threshold",
+    "routed_learned",
+    "oracle",
+)
+#: report row of each routing rule (``ageray.model.routing``); "routed" keeps its Table IX name.
+RULE_ROWS = {
+    "bigger": "routed_bigger",
+    "smaller": "routed",
+    "threshold": "routed_threshold",
+    "learned": "routed_learned",
+    "oracle": "oracle",
+}
+BOUND_ROWS = ("oracle",)  # rows that read the label: upper bounds, not models
 TABLE_IX_GROUPS = M.TABLE_IX_GROUPS
 
 
@@ -58,12 +82,18 @@ def evaluate_model(
     flip: bool = True,
     batch_size: int = 64,
     num_workers: int = 1,
+    routing: RoutingConfig | None = None,
 ) -> dict[str, Any]:
-    """Predictions of every row for every sample of ``split`` (arrays keyed by name)."""
+    """Predictions of every row for every sample of ``split`` (arrays keyed by name).
+
+    ``routing`` (a ``RoutingConfig`` whose ``fit`` names rules the model does not carry):
+    fit those on ``routing.fit_split`` first, in memory only -- for models saved before
+    routing rules existed, or to compare settings; a trained pipeline's model carries its
+    fitted rules already.
+    """
     import torch
 
-    from ageray.data.loader import eval_loader
-    from ageray.inference import collect_predictions
+    from ageray.inference import predict_split
     from ageray.model import load_model
 
     model, info = load_model(model_dir)
@@ -71,12 +101,30 @@ def evaluate_model(
     cfg.data.num_workers = num_workers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    # On GPU the stream hands uint8 images to the device and normalises them there.
-    loader = eval_loader(
-        cfg.data, split, rank=0, world_size=1, device=device if device.type == "cuda" else None
-    )
-    preds = collect_predictions(model, loader, device=device, flip=flip, amp=cfg.train.amp)
+    fitted: dict[str, Any] = {}
+    if routing is not None and "balanced" in model.head_names:
+        missing = [n for n in routing.fit if n not in model.routers]
+        if missing:
+            import dataclasses as dc
+
+            from ageray.model.routing.fitting import fit_rules
+
+            if routing.fit_split == split:
+                raise ValueError(
+                    f"fitting routing rules on {split!r}, the split being evaluated, would "
+                    "score them on their own training data; fit on a held-out split (val)"
+                )
+            keep = model.routing_rule  # fitting adds rules; it does not change what is served
+            fit_cfg = dc.replace(routing, fit=missing, rule="smaller")
+            val = predict_split(model, cfg.data, routing.fit_split)
+            if "route_features" in val:
+                fitted = fit_rules(
+                    model, val["route_features"], val["age"], fit_cfg, split=routing.fit_split
+                )
+            model.use_rule(keep)
+    preds = predict_split(model, cfg.data, split, flip=flip, amp=cfg.train.amp)
     preds["_info"] = info
+    preds["_fitted_here"] = fitted
     return preds
 
 
@@ -86,10 +134,30 @@ def _row_predictions(preds: dict[str, Any]) -> dict[str, np.ndarray]:
         rows["vanilla"] = preds["vanilla_age"]
     if "balanced_age" in preds:
         rows["balanced"] = preds["balanced_age"]
-        rows["routed"] = preds["routed_age"]
-        if "bigger_age" in preds:
-            rows["routed_bigger"] = preds["bigger_age"]
+        for rule, row in RULE_ROWS.items():
+            if f"rule_{rule}_age" in preds:
+                rows[row] = preds[f"rule_{rule}_age"]
+        if "routed" not in rows and "routed_age" in preds:  # no flip: nothing was routed
+            rows["routed"] = preds["routed_age"]
     return rows
+
+
+def gap_closed(rows: dict[str, Any], *, start: str = "routed", bound: str = "oracle") -> dict:
+    """Per row, the share of the gap between ``start`` (GLAE's rule) and ``bound`` (the
+    oracle) that the row closes, for MAE and CMAE: 0 = no better than eq. 11, 1 = as good as
+    choosing the closer head with the label in hand, negative = worse than eq. 11."""
+    if start not in rows or bound not in rows:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, r in rows.items():
+        if name == bound:
+            continue
+        shares = {}
+        for k in ("mae", "cmae"):
+            gap = rows[start][k] - rows[bound][k]
+            shares[k] = (rows[start][k] - r[k]) / gap if gap > 1e-12 else float("nan")
+        out[name] = shares
+    return out
 
 
 def build_report(
@@ -101,8 +169,12 @@ def build_report(
     ccs_max: int = 10,
     baseline: dict[str, Any] | None = None,
     model_ref: str = "",
+    train_counts: dict[Any, int] | None = None,
 ) -> dict[str, Any]:
-    """The report dict written as report.json (``rows.<row>.{mae,cmae,aar,group_mae,...}``)."""
+    """The report dict written as report.json (``rows.<row>.{mae,cmae,aar,group_mae,...}``).
+
+    ``train_counts`` (the training split's per-age histogram) adds each row's
+    many/medium/few-shot MAE (``rows.<row>.shot_mae``) and ``shot_counts``."""
     y = np.asarray(preds["age"], dtype=np.float64)
     if len(y) == 0:
         raise ValueError(f"split {split!r} of {shards} has no samples to evaluate")
@@ -122,6 +194,8 @@ def build_report(
         summary = M.summarize(y, yhat, y_std=y_std, aar_groups=aar_groups, ccs_max=ccs_max)
         summary["group_mae"] = M.group_mae(y, yhat, groups=TABLE_IX_GROUPS)
         summary["group_cmae"] = M.group_cmae(y, yhat, groups=TABLE_IX_GROUPS)
+        if train_counts:
+            summary["shot_mae"] = M.shot_mae(y, yhat, train_counts)
         out_rows[name] = summary
     report: dict[str, Any] = {
         "model": model_ref,
@@ -134,13 +208,27 @@ def build_report(
         "per_age_mae": {name: M.per_age_mae(y, yhat) for name, yhat in rows.items()},
         "age_hist": _age_hist(y),
         "skipped": dict(preds.get("_skipped") or {}),
+        "bounds": [r for r in BOUND_ROWS if r in out_rows],
+        "served_rule": preds.get("_routing_rule"),
+        "gap_closed": gap_closed(out_rows),
     }
-    if "routed_choice" in preds and "balanced" in rows:
-        report["routing_usage"] = M.routing_usage(y, preds["routed_choice"], groups=TABLE_IX_GROUPS)
-        if "bigger_choice" in preds:
-            report["routing_usage_bigger"] = M.routing_usage(
-                y, preds["bigger_choice"], groups=TABLE_IX_GROUPS
+    if train_counts:
+        report["shot_counts"] = M.shot_counts(y, train_counts)
+    if preds.get("_fitted_here"):
+        report["routing_fitted_at_evaluation"] = preds["_fitted_here"]
+    if "balanced" in rows:
+        usage = {
+            row: M.routing_usage(
+                y, (preds[f"rule_{rule}_weight"] >= 0.5).astype(float), groups=TABLE_IX_GROUPS
             )
+            for rule, row in RULE_ROWS.items()
+            if f"rule_{rule}_weight" in preds
+        }
+        if usage:
+            report["routing_usage_rules"] = usage
+            report["routing_usage"] = usage.get("routed")  # GLAE Fig. 4: the smaller rule
+            if "routed_bigger" in usage:
+                report["routing_usage_bigger"] = usage["routed_bigger"]
     report["flat_metrics"] = flat_metrics(report)
     return report
 
@@ -164,6 +252,13 @@ def flat_metrics(report: dict[str, Any], prefix: str = "test") -> dict[str, floa
         for g, v in r["group_cmae"].items():
             if isinstance(v, int | float) and math.isfinite(v):
                 out[f"{prefix}_{name}_cmae_{g}"] = float(v)
+        for g, v in (r.get("shot_mae") or {}).items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                out[f"{prefix}_{name}_mae_{g}_shot"] = float(v)
+    for name, shares in (report.get("gap_closed") or {}).items():
+        for k, v in shares.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                out[f"{prefix}_{name}_gap_closed_{k}"] = float(v)
     return out
 
 
@@ -178,13 +273,21 @@ def evaluate_to_dir(
     ccs_max: int = 10,
     baseline_ref: str | Path | None = None,
     num_workers: int = 1,
+    routing: RoutingConfig | None = None,
+    train_split: str = "train",
 ) -> dict[str, Any]:
-    """Evaluate, then write ``report.json``, ``report.md`` and the PNG plots to ``out_dir``."""
+    """Evaluate, then write ``report.json``, ``report.md`` and the PNG plots to ``out_dir``.
+
+    ``routing``: fit the rules it lists that the model lacks, on its ``fit_split``, first
+    (see :func:`evaluate_model`). ``train_split``: the split whose manifest histogram
+    defines the many/medium/few shots (skipped when the manifest has no such split)."""
     from ageray.report import markdown_table, write_plots
     from ageray.tracking import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_ref))
-    preds = evaluate_model(model_dir, shards, split, flip=flip, num_workers=num_workers)
+    preds = evaluate_model(
+        model_dir, shards, split, flip=flip, num_workers=num_workers, routing=routing
+    )
     baseline = None
     if baseline_ref is not None:
         baseline = evaluate_model(
@@ -198,6 +301,7 @@ def evaluate_to_dir(
         ccs_max=ccs_max,
         baseline=baseline,
         model_ref=str(model_ref),
+        train_counts=_train_counts(shards, train_split),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +311,17 @@ def evaluate_to_dir(
     (out / "report.md").write_text(markdown_table(report))
     report["plots"] = [str(p) for p in write_plots(report, out)]
     return report
+
+
+def _train_counts(shards: str, train_split: str) -> dict[Any, int] | None:
+    """The training split's per-age histogram from the shards' manifest, or None."""
+    from ageray.data.manifest import read_manifest
+
+    try:
+        split = (read_manifest(shards).get("splits") or {}).get(train_split) or {}
+    except (FileNotFoundError, ValueError):
+        return None
+    return split.get("age_hist") or None
 
 
 def evaluate_for_config(model_ref: str | Path, cfg: Config, out_dir: str | Path) -> dict[str, Any]:
@@ -220,6 +335,7 @@ def evaluate_for_config(model_ref: str | Path, cfg: Config, out_dir: str | Path)
         flip=cfg.eval.flip_tta,
         aar_groups=cfg.eval.aar_groups,
         ccs_max=cfg.eval.ccs_max,
+        train_split=cfg.data.train_split,
     )
 
 

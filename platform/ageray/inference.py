@@ -22,7 +22,13 @@ from torch import nn
 
 from ageray import metrics as M
 
-__all__ = ["autocast", "collect_predictions", "merge_predictions", "prediction_metrics"]
+__all__ = [
+    "autocast",
+    "collect_predictions",
+    "merge_predictions",
+    "predict_split",
+    "prediction_metrics",
+]
 
 
 def autocast(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:
@@ -46,12 +52,21 @@ def collect_predictions(
     ``key``) with ``model`` (unwrapped, not DDP) in eval mode; its mode is restored after.
 
     Returns numpy arrays: ``age``, ``age_std`` and per head ``<head>_age``, ``<head>_kl``;
-    ``routed_age`` and ``routed_choice`` (Adaptive Routing, the smaller KL answers); and
-    ``bigger_age``, ``bigger_choice`` (Table IX's mirror rule) when the model has two heads.
-    ``_keys`` holds the sample keys in order and ``_skipped`` the loader's skip counts.
+    ``routed_age`` and ``routed_choice``: the answer of the model's own routing rule (what
+    it serves: ``model.routing_rule``, GLAE's smaller KL unless a fitted rule was made the
+    default; its name is ``_routing_rule``). With two routed heads also ``route_features``
+    (N, 9) and, for every rule the model can apply plus the ``oracle`` bound,
+    ``rule_<name>_age`` and ``rule_<name>_weight`` (the balanced head's weight), computed
+    from the same forward pass by the same rule modules, so the numbers are the ones
+    ``model.predict(x, rule=name)`` gives; ``bigger_age`` / ``bigger_choice`` repeat Table
+    IX's mirror rule under their older names. ``_keys`` holds the sample keys in order and
+    ``_skipped`` the loader's skip counts.
     """
+    from ageray.model.routing import mix_ages
+
     was_training = model.training
     model.eval()
+    rules = _scored_rules(model)
     parts: dict[str, list[np.ndarray]] = {}
     keys: list[str] = []
 
@@ -62,7 +77,7 @@ def collect_predictions(
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         with autocast(device, amp):
-            pred = model.predict(x, flip=flip, rule="smaller")
+            pred = model.predict(x, flip=flip)
         add("age", batch["age"])
         add("age_std", batch["age_std"])
         keys.extend(batch["key"])
@@ -72,19 +87,55 @@ def collect_predictions(
                 add(f"{head}_kl", res["kl"])
         add("routed_age", pred.age)
         add("routed_choice", pred.head)
-        if "balanced" in pred.heads and pred.heads["balanced"].get("kl") is not None:
-            v, b = pred.heads["vanilla"], pred.heads["balanced"]
-            # Table IX's "bigger" rule from the same forward pass: the vanilla head answers
-            # when its KL is the bigger one, else the balanced head (mirror of eq. 11).
-            bigger_choice = (~(v["kl"] > b["kl"])).long()
-            add("bigger_age", torch.where(bigger_choice.bool(), b["age"], v["age"]))
-            add("bigger_choice", bigger_choice)
+        if pred.features is not None:
+            add("route_features", pred.features)
+            labels = torch.as_tensor(batch["age"], dtype=torch.float32).to(pred.features.device)
+            v, b = pred.heads["vanilla"]["age"], pred.heads["balanced"]["age"]
+            with torch.inference_mode():
+                for name, rule in rules.items():
+                    weight = rule(pred.features, labels)
+                    add(f"rule_{name}_age", mix_ages(v, b, weight))  # type: ignore[arg-type]
+                    add(f"rule_{name}_weight", weight)
+            add("bigger_age", parts["rule_bigger_age"][-1])
+            add("bigger_choice", (parts["rule_bigger_weight"][-1] >= 0.5).astype(np.float64))
     if was_training:
         model.train()
     out: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
+    out["_routing_rule"] = getattr(model, "routing_rule", None)
     out["_keys"] = np.array(keys, dtype=object)
     out["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
     return out
+
+
+def predict_split(
+    model: nn.Module, data: Any, split: str, *, flip: bool = True, amp: str = "auto"
+) -> dict[str, Any]:
+    """:func:`collect_predictions` over every sample of ``split`` of ``data.shards`` (a
+    ``DataConfig``: size, normalisation, batch size, workers) on the model's device, in one
+    process (evaluation, fitting a router on the validation split)."""
+    from ageray.data.loader import eval_loader
+
+    device = next(model.parameters()).device
+    # On GPU the stream hands uint8 images to the device and normalises them there.
+    loader = eval_loader(
+        data, split, rank=0, world_size=1, device=device if device.type == "cuda" else None
+    )
+    return collect_predictions(model, loader, device=device, flip=flip, amp=amp)
+
+
+def _scored_rules(model: nn.Module) -> dict[str, Any]:
+    """Every rule a report scores for ``model``: the parameter-free ones, the fitted rules
+    the model carries, and the oracle bound (it reads the labels; evaluation only)."""
+    from ageray.model.routing import ROUTING_RULES, make_rule
+
+    fitted = dict(getattr(model, "routers", {}) or {})
+    rules: dict[str, Any] = {}
+    for name, cls in ROUTING_RULES.items():
+        if name in fitted:
+            rules[name] = fitted[name]
+        elif not cls.needs_fit:
+            rules[name] = make_rule(name)
+    return rules
 
 
 def merge_predictions(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -99,6 +150,8 @@ def merge_predictions(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for p in parts:
         skipped.update({k: int(v) for k, v in (p.get("_skipped") or {}).items()})
     merged["_skipped"] = dict(skipped)
+    rules = {p.get("_routing_rule") for p in parts if p.get("_routing_rule")}
+    merged["_routing_rule"] = rules.pop() if len(rules) == 1 else None
     return merged
 
 

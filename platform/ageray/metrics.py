@@ -1,5 +1,6 @@
 """Evaluation metrics of the three papers: MAE, CMAE, AAR, epsilon-error, CCS/RCCS, group,
-per-age MAE and the Adaptive Routing usage table.
+per-age MAE, the Adaptive Routing usage table and the many/medium/few-shot MAE of deep
+imbalanced regression.
 
 Why one module with plain-number outputs: the evaluation job, the Tune driver, the report
 and the tests all compare the same numbers, so every metric takes array-likes (lists, numpy
@@ -36,6 +37,7 @@ import numpy as np
 __all__ = [
     "DECADE_GROUPS",
     "LAE_GROUPS",
+    "SHOTS",
     "TABLE_IX_GROUPS",
     "aar",
     "aar_details",
@@ -50,6 +52,8 @@ __all__ = [
     "per_age_mae",
     "rccs",
     "routing_usage",
+    "shot_counts",
+    "shot_mae",
     "summarize",
 ]
 
@@ -434,6 +438,54 @@ def routing_usage(
         bal = float(np.mean(c[m])) if n else float("nan")
         out[group_label(g)] = {"n": n, "vanilla": 1.0 - bal if n else float("nan"), "balanced": bal}
     return out
+
+
+# Deep imbalanced regression's shots (Yang et al. 2021, AgeDB-DIR / IMDB-WIKI-DIR): an age is
+# many-shot with more than 100 training images, few-shot with fewer than 20, else medium.
+SHOTS = ("many", "medium", "few")
+
+
+def _shot_of(ages: np.ndarray, train_counts: Any, many_above: int, few_below: int) -> np.ndarray:
+    counts = {int(float(k)): int(v) for k, v in dict(train_counts).items()}
+    n = np.array([counts.get(int(a), 0) for a in ages], dtype=np.int64)
+    return np.where(n > many_above, 0, np.where(n < few_below, 2, 1))
+
+
+def shot_mae(
+    y_true: Any,
+    y_pred: Any,
+    train_counts: Any,
+    *,
+    many_above: int = 100,
+    few_below: int = 20,
+) -> dict[str, float]:
+    """MAE by how many TRAINING images a sample's age has: ``{"many", "medium", "few"}``.
+
+    The protocol of deep imbalanced regression (Yang et al. 2021; AgeDB-DIR, IMDB-WIKI-DIR),
+    reported beside CMAE because the two answer different questions: CMAE weighs every
+    *test* age equally, the shots ask how the model does on ages it *saw rarely in
+    training*. ``train_counts`` maps age -> training images (the training split's manifest
+    ``age_hist``; keys may be strings). Many-shot: more than ``many_above`` (100) images;
+    few-shot: fewer than ``few_below`` (20), including ages absent from training; medium:
+    the rest (20-100). Labels are binned round-half-up like every metric here; a shot with
+    no test samples is ``float("nan")``.
+    """
+    t, p = _pair(y_true, y_pred)
+    shot = _shot_of(np.floor(t + 0.5).astype(np.int64), train_counts, many_above, few_below)
+    err = np.abs(t - p)
+    return {
+        name: float(np.mean(err[shot == i])) if (shot == i).any() else float("nan")
+        for i, name in enumerate(SHOTS)
+    }
+
+
+def shot_counts(
+    y_true: Any, train_counts: Any, *, many_above: int = 100, few_below: int = 20
+) -> dict[str, int]:
+    """How many samples of ``y_true`` fall in each shot of :func:`shot_mae`."""
+    t = _as_1d(y_true, "y_true")
+    shot = _shot_of(np.floor(t + 0.5).astype(np.int64), train_counts, many_above, few_below)
+    return {name: int(np.count_nonzero(shot == i)) for i, name in enumerate(SHOTS)}
 
 
 def summarize(

@@ -10,7 +10,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "plot_ccs", "plot_per_age", "plot_routing_usage", "write_plots"]
+__all__ = [
+    "markdown_table",
+    "plot_ccs",
+    "plot_per_age",
+    "plot_routing_usage",
+    "plot_rules_per_age",
+    "write_plots",
+]
 
 ROW_LABELS = {
     "l_base": "l_base",
@@ -18,6 +25,9 @@ ROW_LABELS = {
     "balanced": "Balanced",
     "routed_bigger": "Bigger Υ",
     "routed": "Smaller Υ (AR)",
+    "routed_threshold": "Threshold τ",
+    "routed_learned": "Learned router",
+    "oracle": "Oracle (bound)",
 }
 ROW_COLORS = {
     "l_base": "tab:gray",
@@ -25,7 +35,26 @@ ROW_COLORS = {
     "balanced": "tab:red",
     "routed_bigger": "tab:orange",
     "routed": "tab:green",
+    "routed_threshold": "tab:olive",
+    "routed_learned": "tab:purple",
+    "oracle": "black",
 }
+# The rows that are routing rules (report row -> rule name in ageray.model.routing).
+RULE_OF_ROW = {
+    "routed_bigger": "bigger",
+    "routed": "smaller",
+    "routed_threshold": "threshold",
+    "routed_learned": "learned",
+    "oracle": "oracle",
+}
+
+
+def _label(report: dict[str, Any], name: str) -> str:
+    """The row's label; the rule the model serves is marked."""
+    label = ROW_LABELS.get(name, name)
+    if RULE_OF_ROW.get(name) == report.get("served_rule") and name != "oracle":
+        label += " [served]"
+    return label
 
 
 def _fmt(v: Any) -> str:
@@ -50,13 +79,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for name in report.get("row_order", list(rows)):
         r = rows[name]
-        cells = [ROW_LABELS.get(name, name), _fmt(r["mae"]), _fmt(r["cmae"])]
+        cells = [_label(report, name), _fmt(r["mae"]), _fmt(r["cmae"])]
         cells += [_fmt(r["group_mae"].get(g)) for g in groups]
         cells += [_fmt(r["group_cmae"].get(g)) for g in groups]
         cells += [_fmt(r["aar"])]
         if has_eps:
             cells.append(_fmt(r.get("epsilon_error")))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _rules_table(report)
     usage = report.get("routing_usage")
     if usage:
         lines += ["", "Routing usage (smaller Υ): share of images answered by each head.", ""]
@@ -72,8 +102,50 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += ["| row | " + " | ".join(str(t) for t in range(t_max + 1)) + " |"]
         lines += ["|---|" + "|".join("---" for _ in range(t_max + 1)) + "|"]
         for k, c in ccs.items():
-            lines.append(f"| {ROW_LABELS.get(k, k)} | " + " | ".join(str(v) for v in c) + " |")
+            lines.append(f"| {_label(report, k)} | " + " | ".join(str(v) for v in c) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _share(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{100 * v:.0f}%"
+
+
+def _rules_table(report: dict[str, Any]) -> list[str]:
+    """Each row against the routing bound: the share of the gap between GLAE's rule
+    (smaller Υ) and the oracle it closes, and the many/medium/few-shot MAE beside CMAE."""
+    rows, gap = report["rows"], report.get("gap_closed") or {}
+    counts = report.get("shot_counts")
+    if not gap and not counts:
+        return []
+    head = ["row", "MAE", "CMAE"]
+    if gap:
+        head += ["closes MAE gap", "closes CMAE gap"]
+    if counts:
+        head += [f"MAE {s}-shot (n={counts.get(s, 0)})" for s in ("many", "medium", "few")]
+    out = [
+        "",
+        "Routing rules against the oracle bound (the head closer to the true age; it reads the "
+        "label, so it is a bound, never served). 'closes ... gap' = (smaller Υ - row) / "
+        "(smaller Υ - oracle). Shots by training images per age: many > 100, medium 20-100, "
+        "few < 20.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for name in report.get("row_order", list(rows)):
+        r = rows[name]
+        cells = [_label(report, name), _fmt(r["mae"]), _fmt(r["cmae"])]
+        if gap:
+            g = gap.get(name, {})
+            bound = name == "oracle"
+            cells += ["bound"] * 2 if bound else [_share(g.get("mae")), _share(g.get("cmae"))]
+        if counts:
+            shots = r.get("shot_mae") or {}
+            cells += [_fmt(shots.get(s)) for s in ("many", "medium", "few")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def pyplot():
@@ -112,9 +184,7 @@ def plot_per_age(report: dict[str, Any], path: str | Path) -> Path:
         per_age = {int(k): v for k, v in report["per_age_mae"][name].items()}
         xs = sorted(per_age)
         color = ROW_COLORS.get(name)
-        ax2.plot(
-            xs, [per_age[a] for a in xs], color=color, lw=1.4, label=ROW_LABELS.get(name, name)
-        )
+        ax2.plot(xs, [per_age[a] for a in xs], color=color, lw=1.4, label=_label(report, name))
         ax2.axhline(report["rows"][name]["cmae"], color=color, ls="--", lw=0.9)
     ax2.set_ylabel("MAE per age (years); dashed: CMAE")
     handles = ax.get_legend_handles_labels()
@@ -159,7 +229,7 @@ def plot_ccs(report: dict[str, Any], path: str | Path) -> Path:
             marker="o",
             ms=3,
             color=ROW_COLORS.get(name),
-            label=ROW_LABELS.get(name, name),
+            label=_label(report, name),
         )
     ax.set_xlabel("error threshold t (years)")
     ax.set_ylabel("CCS(t) / N")
@@ -170,10 +240,42 @@ def plot_ccs(report: dict[str, Any], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_rules_per_age(report: dict[str, Any], path: str | Path) -> Path | None:
+    """Per-age MAE of each routing rule (and the two heads, thin), the oracle dotted: where
+    along the age axis each rule gains or loses against GLAE's eq. 11."""
+    names = [n for n in report.get("row_order", list(report["rows"])) if n in RULE_OF_ROW]
+    if len(names) < 2:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name in [n for n in ("vanilla", "balanced") if n in report["rows"]] + names:
+        per_age = {int(k): v for k, v in report["per_age_mae"][name].items()}
+        xs = sorted(per_age)
+        thin = name in ("vanilla", "balanced")
+        ax.plot(
+            xs,
+            [per_age[a] for a in xs],
+            color=ROW_COLORS.get(name),
+            lw=0.8 if thin else 1.5,
+            alpha=0.5 if thin else 1.0,
+            ls=":" if name == "oracle" else "-",
+            label=f"{_label(report, name)} (CMAE {report['rows'][name]['cmae']:.2f})",
+        )
+    ax.set_xlabel("age (years)")
+    ax.set_ylabel("MAE per age (years)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    ax.set_title("Per-age MAE of each routing rule")
+    return save_figure(fig, path)
+
+
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_per_age(report, out / "per_age_mae.png"), plot_ccs(report, out / "ccs.png")]
+    rules = plot_rules_per_age(report, out / "per_age_mae_rules.png")
+    if rules:
+        paths.append(rules)
     usage = plot_routing_usage(report, out / "routing_usage.png")
     if usage:
         paths.append(usage)

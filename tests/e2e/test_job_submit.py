@@ -162,7 +162,15 @@ def test_ray_job_submit_trains_both_stages(head: dict) -> None:
         assert (run_dir / stage / "model" / "model.safetensors").is_file()
         assert json.loads((run_dir / stage / "result.json").read_text())["stage"] == stage
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert report["row_order"] == ["vanilla", "balanced", "routed_bigger", "routed"]
+    assert report["row_order"] == [
+        "vanilla",
+        "balanced",
+        "routed_bigger",
+        "routed",
+        "routed_threshold",
+        "routed_learned",
+        "oracle",
+    ]
 
     # MLflow (the sqlite store named in the job's config): runs, epochs, registry alias
     with contextlib.closing(sqlite3.connect(db)) as con:

@@ -338,11 +338,14 @@ def test_two_workers_both_stages_into_mlflow_and_registry(
     uri = mlflow_srv.uri
     client = mlflow_client(uri)
     runs = pipeline_runs(uri, exp, name)
-    assert sorted(runs) == ["evaluate", "pipeline", "stage1", "stage2"]
+    assert sorted(runs) == ["evaluate", "pipeline", "routing", "stage1", "stage2"]
     assert all(len(v) == 1 for v in runs.values()), {k: len(v) for k, v in runs.items()}
     parent = runs["pipeline"][0]
     s1, s2 = runs["stage1"][0], runs["stage2"][0]
-    for child in (s1, s2, runs["evaluate"][0]):
+    routing = runs["routing"][0]  # the routing rules fitted on the validation split
+    assert {"routing_learned_objective", "routing_threshold_tau"} <= set(routing.data.metrics)
+    assert routing.data.params["routing.fit_split"] == "val"
+    for child in (s1, s2, routing, runs["evaluate"][0]):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
@@ -393,7 +396,16 @@ def test_two_workers_both_stages_into_mlflow_and_registry(
     report = json.loads(
         mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/evaluation/report.json")
     )
-    assert set(report["rows"]) == {"vanilla", "balanced", "routed", "routed_bigger"}
+    assert set(report["rows"]) == {
+        "vanilla",
+        "balanced",
+        "routed",
+        "routed_bigger",
+        "routed_threshold",
+        "routed_learned",
+        "oracle",
+    }
+    assert report["served_rule"] == "smaller" and report["bounds"] == ["oracle"]
     assert report["num_samples"] == read_manifest(str(shards))["splits"]["test"]["count"]
 
     # registered with the alias; loads as code (no pickle) and predicts on encoded images

@@ -90,6 +90,7 @@ class ServedModel:
                 },
                 "align": bool(self.info.get("align", False)),
                 "heads": self.head_names,
+                "routing": self.model.routing_info(),  # rule served, fitted rules, fit reports
                 "format": self.info.get("format"),
             },
             "meta": self.info.get("meta", {}),
@@ -130,7 +131,7 @@ class ServedModel:
         return out, face
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: Any, rule: str = "smaller") -> list[dict[str, Any]]:
+    def forward(self, x: Any, rule: str | None = None) -> list[dict[str, Any]]:
         """(B, 3, S, S) -> one dict per image: age, head, heads{name: age, kl}, probs.
 
         ``model.predict(x, flip=True)`` is GLAE's protocol in one call: x and its flip in one
@@ -139,7 +140,11 @@ class ServedModel:
         import torch
 
         x = x.to(self.device, non_blocking=True)
-        pred = self.model.predict(x, flip=True, rule=rule)
+        if rule is not None:
+            from ageray.model.routing import check_servable
+
+            check_servable(rule, "serving rule")
+        pred = self.model.predict(x, flip=True, rule=rule)  # None: the model's own rule
         age = pred.age.float().cpu().tolist()
         head = pred.head.cpu().tolist()
         probs = pred.probs.float().cpu() if pred.probs is not None else None
@@ -260,7 +265,9 @@ def load_served_model(
     )
 
 
-def warmup(served: ServedModel, batch_sizes: Sequence[int] = (1,), rule: str = "smaller") -> float:
+def warmup(
+    served: ServedModel, batch_sizes: Sequence[int] = (1,), rule: str | None = None
+) -> float:
     """Run the forward once per batch size before the replica reports ready; returns ms.
 
     Why: the first forward allocates buffers and picks kernels (hundreds of ms on CPU, more

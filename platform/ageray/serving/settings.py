@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ageray.config import build_dataclass
+from ageray.config import SERVABLE_ROUTING_RULES, build_dataclass
 
 __all__ = ["Limits", "ServeSettings"]
 
@@ -104,7 +104,9 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.002
     max_inflight_images: int = 256
     retry_after_s: int = 1
-    rule: Literal["smaller", "bigger"] = "smaller"
+    # None: the model's own rule (model.json routing.rule: eq. 11 or the fitted rule the
+    # training run chose); or one of smaller, bigger, threshold, learned. Never oracle.
+    rule: str | None = None
     warmup_batch_sizes: tuple[int, ...] = (1,)
     auth_token_env: str = "AGERAY_API_TOKEN"
     decode_in_thread_bytes: int = 256 * 1024
@@ -141,6 +143,12 @@ class ServeSettings:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or null")
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes={list(self.warmup_batch_sizes)} must be >= 1")
+        if self.rule is not None and self.rule not in SERVABLE_ROUTING_RULES:
+            why = " (it reads the true age: an evaluation bound)" if self.rule == "oracle" else ""
+            raise ValueError(
+                f"rule={self.rule!r} cannot be served{why}; use one of "
+                f"{list(SERVABLE_ROUTING_RULES)} or null for the model's own rule"
+            )
         return self
 
     def public(self) -> dict[str, Any]:

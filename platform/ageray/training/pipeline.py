@@ -18,6 +18,7 @@ trial's own run, stage 2 in a child run).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ageray.training.driver import StageResult, local_run_dir, run_stage_on_ray
 __all__ = ["STEPS", "PipelineError", "PipelineResult", "run_pipeline"]
 
 #: The steps of a pipeline that may get MLflow child runs of their own.
-STEPS = ("stage1", "stage2", "evaluate")
+STEPS = ("stage1", "stage2", "routing", "evaluate")
 
 
 class PipelineError(ValueError):
@@ -48,7 +49,8 @@ class PipelineResult:
     run_id: str | None  # the pipeline's MLflow run
     stage1: StageResult | None = None
     stage2: StageResult | None = None
-    model_dir: Path | None = None  # stage 2's model, else stage 1's, else the --from model
+    model_dir: Path | None = None  # the routed model, else stage 2's, stage 1's, the --from one
+    routing: dict[str, Any] | None = None  # fit reports of the routing rules
     report: dict[str, Any] | None = None
     eval_dir: Path | None = None
     registered: dict[str, Any] | None = None
@@ -149,6 +151,10 @@ def run_pipeline(
                 tracker.log_metrics(rid, {f"best_{k}": v for k, v in r2.metrics.items()})
         result.stage2, result.model_dir = r2, r2.model_dir
         say(f"[ageray] stage 2 best: {json.dumps(_shown(r2.metrics))} -> {r2.model_dir}")
+        with step_run("routing") as rid:
+            result.model_dir, result.routing = _fit_routing_step(
+                cfg, r2.model_dir, tracker=tracker, run_id=rid, say=say
+            )
 
     if evaluate and result.model_dir is not None:
         out = local_run_dir(cfg) / "eval"
@@ -167,6 +173,41 @@ def run_pipeline(
     if own_run:
         tracker.end(run_id)
     return result
+
+
+def _fit_routing_step(
+    cfg: Config,
+    model_dir: Path,
+    *,
+    tracker: Tracker,
+    run_id: str | None,
+    say: Callable[[str], None],
+) -> tuple[Path, dict[str, Any] | None]:
+    """After stage 2: fit the configured routing rules on the validation split and save the
+    routed model (stage 2's weights + the fitted rules + the served rule) beside the stages;
+    the evaluation and the registry get that model. Nothing to fit and eq. 11 served: the
+    stage-2 model as it is."""
+    from ageray.model.routing import rules_to_fit
+    from ageray.model.routing.fitting import routing_fit_metrics
+    from ageray.training.routing import fit_routing
+
+    if not rules_to_fit(cfg.routing) and cfg.routing.rule == "smaller":
+        return model_dir, None
+    out = local_run_dir(cfg) / "routing" / "model"
+    routed, reports = fit_routing(model_dir, cfg, out)
+    params = {f"routing.{k}": v for k, v in dataclasses.asdict(cfg.routing).items()}
+    tracker.log_params(run_id, params)
+    tracker.log_metrics(run_id, routing_fit_metrics(reports))
+    tracker.log_artifact(run_id, routed / "model.json", "model")
+    fits = ", ".join(
+        f"{name} (objective {r['objective']:.3f} vs eq. 11's {r['objective_smaller']:.3f})"
+        for name, r in reports.items()
+    )
+    say(
+        f"[ageray] routing: fitted on {cfg.routing.fit_split!r}: {fits or 'nothing'}; "
+        f"serves {cfg.routing.rule!r} -> {routed}"
+    )
+    return routed, reports
 
 
 def _shown(metrics: dict[str, float]) -> dict[str, float]:

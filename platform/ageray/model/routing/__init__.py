@@ -21,8 +21,8 @@ Fitted rules are fitted on a held-out split (validation), never on the test spli
 
 Modules: ``functional`` (``adaptive_route`` / ``kl_rows``, eq. 11 on probabilities, the
 stable public form), ``features``, ``registry`` (base class, lookup, objective), ``rules``
-(the four simple rules), ``learned`` (the learned router). Importing this package registers
-every built-in rule.
+(the four simple rules), ``learned`` (the learned router), ``fitting`` (fit a model's rules
+on a held-out split). Importing this package registers every built-in rule.
 """
 
 from . import learned, rules  # noqa: F401  (register the built-in rules)
@@ -42,6 +42,7 @@ from .features import (
     mix_heads,
     route_features,
 )
+from .fitting import fit_rules, routing_fit_metrics
 from .functional import adaptive_route, kl_rows
 from .learned import LearnedRouter
 from .registry import (
@@ -79,6 +80,7 @@ __all__ = [
     "Weighting",
     "adaptive_route",
     "check_servable",
+    "fit_rules",
     "head_stats",
     "kl_rows",
     "make_rule",
@@ -87,6 +89,7 @@ __all__ = [
     "register_rule",
     "route_features",
     "routed_error",
+    "routing_fit_metrics",
     "rules_to_fit",
     "sample_weights",
     "servable_rules",
