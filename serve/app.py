@@ -161,7 +161,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
     )
-    return _error_response(ServeError(422, "invalid_request", f"invalid parameters: {problems}"))
+    return _error_response(ServeError.invalid_request(f"invalid parameters: {problems}"))
 
 
 @api.exception_handler(Exception)
