@@ -222,7 +222,10 @@ def edge_limits(environ: MutableMapping[str, str] | None = None) -> Limits:
         if not sep:
             raise ValueError(f"{EDGE_LIMITS_ENV}: {item!r} must look like key=value")
         pairs[key.strip()] = value.strip()
-    return Limits.from_mapping(pairs)
+    try:
+        return Limits.from_mapping(pairs)
+    except ValueError as exc:
+        raise ValueError(f"{EDGE_LIMITS_ENV}={text!r}: {exc}") from exc
 
 
 def proxy_middlewares() -> list[Any]:
