@@ -12,6 +12,10 @@ splits; else by key), shards are written atomically and a re-run replaces the pr
 output (same names, stale shards removed, manifest last). Importer-specific settings go
 through --importer-option KEY=VALUE (e.g. images_root=..., id_col=... for morph).
 The rules live in ageray.data (importers, align, shards); this job only wires them.
+
+Usage errors (a bad flag, a missing --input, a csv without its column, an empty csv,
+--output naming a file) print one line `make_shards: ...` and exit 2; bad rows and images
+are counted in the report, never fatal; exit 1 when nothing could be written.
 """
 
 from __future__ import annotations
@@ -22,17 +26,53 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 SOURCES = ("utkface", "fgnet", "appa-real", "mivia", "morph", "folders", "csv", "synthetic")
+PROG = "python -m jobs.make_shards"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the error and where to look), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"make_shards: {message} (see {PROG} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def parse_size(text: str) -> int:
     """``123``, ``64K``, ``512M``, ``2G`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([kKmMgG]?)i?[bB]?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1000000, 64K, 512M, 2G")
     return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+
+
+def output_problem(output: str) -> str | None:
+    """Why ``--output`` cannot be a shard folder (a file, or under a file), else None."""
+    if "://" in output:
+        return None
+    path = os.path.abspath(output)
+    while True:
+        if os.path.exists(path) and not os.path.isdir(path):
+            where = "is" if path == os.path.abspath(output) else f"is under {path!r}, which is"
+            return (
+                f"--output {output!r} {where} an existing file; pass a folder (created if "
+                "missing) or s3://bucket/prefix"
+            )
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -51,8 +91,8 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.make_shards",
+    p = _Parser(
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="aligned crop size (--align) and synthetic image size (default: %(default)s)",
     )
     p.add_argument(
-        "--max-count", type=int, default=1000, help="samples per shard at most (%(default)s)"
+        "--max-count",
+        type=positive_int,
+        default=1000,
+        help="samples per shard at most (%(default)s)",
     )
     p.add_argument(
         "--max-bytes",
@@ -101,14 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=min(8, os.cpu_count() or 1),
         help="threads for verify/align and shard writing (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="split and shard-order seed (%(default)s)")
-    p.add_argument("--num-samples", type=int, default=4000, help="synthetic: images (%(default)s)")
     p.add_argument(
-        "--images-per-identity", type=int, default=8, help="synthetic: images per identity"
+        "--num-samples", type=positive_int, default=4000, help="synthetic: images (%(default)s)"
+    )
+    p.add_argument(
+        "--images-per-identity", type=positive_int, default=8, help="synthetic: images per identity"
     )
     p.add_argument(
         "--label",
@@ -137,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="S3: upload shards larger than this in parts (default: 64M)",
     )
     p.add_argument(
-        "--limit", type=int, default=None, help="import only the first N records (trial runs)"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="import only the first N records (trial runs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -148,19 +196,37 @@ def main(argv: list[str] | None = None) -> int:
     from jobs._common import setup_logging
 
     setup_logging()
+    from ageray.data.records import InputError
+
+    try:
+        return _run(args)
+    except InputError as exc:  # the input or an option is the user's to fix
+        return _usage_error(str(exc))
+
+
+def _usage_error(message: str) -> int:
+    print(f"make_shards: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from ageray.data.importers import IMPORTERS
     from ageray.data.manifest import summarize
-    from ageray.data.records import ImportReport
-    from ageray.data.shards import align_transform, parse_splits, write_shards
+    from ageray.data.records import ImportReport, printable
+    from ageray.data.shards import align_transform, write_shards
+    from ageray.data.splits import parse_splits
 
     try:
         splits = parse_splits(args.splits)
     except ValueError as exc:
-        print(f"make_shards: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(str(exc))
     if args.source != "synthetic" and not args.input:
-        print(f"make_shards: --input is required for --source {args.source}", file=sys.stderr)
-        return 2
+        return _usage_error(f"--input is required for --source {args.source}")
+    if args.max_bytes < 4 * 512:
+        return _usage_error(f"--max-bytes {args.max_bytes} is too small for even one sample")
+    problem = output_problem(args.output)
+    if problem:
+        return _usage_error(problem)
 
     options: dict[str, Any] = dict(args.importer_option)
     if args.source == "synthetic":
@@ -174,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == "appa-real":
         options["label"] = args.label
     report = ImportReport(source=args.source)
-    records = IMPORTERS[args.source](args.input, report, **options)
+    try:  # binds the options (importers are generators: nothing is read yet)
+        records = IMPORTERS[args.source](args.input, report, **options)
+    except TypeError as exc:
+        return _usage_error(f"--importer-option for --source {args.source}: {exc}")
     if args.limit is not None:
         records = itertools.islice(records, args.limit)
 
@@ -215,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
     )
     print(report.summary())
-    print(summarize(manifest, args.output))
+    print(summarize(manifest, printable(args.output)))
     total = sum(s["count"] for s in manifest["splits"].values())
     print(f"done in {time.time() - start:.1f}s")
     if total == 0:

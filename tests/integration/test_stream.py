@@ -14,7 +14,8 @@ from datagen import jpeg, label, make_records, tar_bytes, write_manual_shards
 from ageray.config import DataConfig
 from ageray.data.loader import eval_loader, train_loader
 from ageray.data.manifest import read_manifest
-from ageray.data.shards import stable_unit, write_shards
+from ageray.data.shards import write_shards
+from ageray.data.splits import stable_unit
 
 pytestmark = pytest.mark.integration
 
@@ -245,6 +246,51 @@ def test_bad_members_are_skipped_and_counted(corrupt: Path, tmp_path: Path) -> N
     keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == [f"g{i}" for i in range(5)]
     assert nonzero(loader.skipped) == {"truncated": 1, "not_image": 1, "no_label": 1}
+
+
+def test_bad_labels_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    """Labels a shard should never hold (written by hand or an older writer) are skipped in
+    the worker processes and counted by reason in ``loader.skipped`` (the evaluation
+    report's ``skipped``, the train_skipped_* / val_skipped_* metrics)."""
+    bad = {
+        "nan": b'{"age": NaN, "gender": 0}',
+        "inf": b'{"age": Infinity}',
+        "text": label("30"),
+        "old": label(150),
+        "minus": label(-1),
+        "null": label(None),
+        "gender": label(30, gender=3),
+        "race": label(30, race=7),
+        "std": label(30, age_std=-2),
+    }
+    members: list[tuple[str, bytes]] = []
+    for i in range(6):
+        members += [(f"g{i}.jpg", jpeg(i, 20)), (f"g{i}.json", label(20 + i))]
+    for i, (key, lab) in enumerate(bad.items()):
+        members += [(f"{key}.jpg", jpeg(40 + i, 20)), (f"{key}.json", lab)]
+    write_manual_shards(tmp_path, "test", [("test/test-000000.tar", tar_bytes(members), 15)])
+    loader = eval_loader(cfg_for(tmp_path), "test")
+    batches = list(loader)
+    assert sorted(k for b in batches for k in b["key"]) == [f"g{i}" for i in range(6)]
+    assert all(torch.isfinite(b["age"]).all() for b in batches)
+    assert nonzero(loader.skipped) == {
+        "bad_age": 3,
+        "age_out_of_range": 2,
+        "missing_age": 1,
+        "bad_gender": 1,
+        "bad_race": 1,
+        "age_std_out_of_range": 1,
+    }
+    assert {"bad_age", "age_out_of_range", "missing_age", "bad_race"} <= set(loader.skipped)
+    # a split without ages (identity pretraining) keeps its age-less members
+    import json
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["test"]["fields"] = ["identity"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loader = eval_loader(cfg_for(tmp_path, num_workers=0), "test")
+    keys = [k for b in loader for k in b["key"]]
+    assert "null" in keys and "nan" not in keys
 
 
 def test_unreadable_shards_are_skipped_across_ranks(corrupt: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import tarfile
 import time
@@ -515,3 +516,112 @@ def test_progress_option_accepted(tmp_path: Path) -> None:
     recs, report = run(iter_utkface, tmp_path / "u", progress=True)
     assert len(recs) == 1 and report.imported == 1
     assert Counter(r.source for r in recs)
+
+
+# ------------------------------------------------------------------------------ names are bytes
+
+
+def test_non_utf8_identity_folder_is_one_identity(tmp_path: Path) -> None:
+    """A folder named in Latin-1 (not UTF-8) is imported as an identity written with \\xNN,
+    and the records go through the shard writer (hashing, JSON, manifest) without error."""
+    from ageray.data.shards import write_shards
+
+    root = os.fsencode(tmp_path / "ids")
+    for person in (b"caf\xe9", b"caf\xe8", b"bob"):
+        for i in range(2):
+            write(Path(os.fsdecode(os.path.join(root, person, b"img%d\xff.jpg" % i))), jpeg_bytes())
+    recs, report = run(iter_folders, os.fsdecode(root))
+    assert report.imported == 6 and report.total_skipped == 0
+    assert Counter(r.identity for r in recs) == {"bob": 2, "caf\\xe8": 2, "caf\\xe9": 2}
+    assert all(KEY_RE.match(r.key) for r in recs) and len({r.key for r in recs}) == 6
+    assert all("\\xff.jpg" in r.source for r in recs)
+    m = write_shards(iter(recs), tmp_path / "shards", splits="train=1", progress=False)
+    assert m["num_identities"] == 3 and m["splits"]["train"]["count"] == 6
+
+
+def test_non_utf8_bytes_in_a_csv_import_or_count_the_row(tmp_path: Path) -> None:
+    """One non-UTF-8 byte in a path cell still names its file; in an identity cell it is
+    kept as \\xNN; in the age cell the row is counted as bad_age. Nothing aborts."""
+    data = tmp_path / "data"
+    write(Path(os.fsdecode(os.fsencode(data) + b"/caf\xe9.jpg")), jpeg_bytes())
+    write(data / "b.jpg", jpeg_bytes())
+    (data / "labels.csv").write_bytes(
+        b"path,age,identity\ncaf\xe9.jpg,30,p\xff1\nb.jpg,4\xff0,p2\nb.jpg,40,p2\n"
+    )
+    recs, report = run(iter_csv, data / "labels.csv")
+    assert labels(recs) == {
+        "caf": (30.0, None, None, None, "p\\xff1"),
+        "b": (40.0, None, None, None, "p2"),
+    }
+    assert dict(report.skipped) == {"bad_age": 1}
+    assert report.examples["bad_age"] == ["labels.csv:3"]
+
+
+def test_a_csv_row_the_reader_cannot_parse_is_a_bad_row(tmp_path: Path) -> None:
+    write(tmp_path / "a.jpg", jpeg_bytes())
+    big = "x" * (csv.field_size_limit() + 10)
+    (tmp_path / "l.csv").write_text(f"path,age\na.jpg,30\n{big},3\na.jpg,31\n")
+    recs, report = run(iter_csv, tmp_path / "l.csv")
+    assert [r.age for r in recs] == [30.0, 31.0]
+    assert dict(report.skipped) == {"bad_row": 1}
+
+
+def test_bad_labels_in_csvs_are_counted_by_reason(tmp_path: Path) -> None:
+    write(tmp_path / "a.jpg", jpeg_bytes())
+    rows = [["path", "age", "age_std", "gender", "race"], ["a.jpg", 30, "", 0, 0]]
+    rows += [["a.jpg", a, "", 0, 0] for a in ("nan", "inf", "-inf", "1e999", "x", "130", "-1")]
+    rows += [["a.jpg", 30, "nan", 0, 0], ["a.jpg", 30, "", 2, 0], ["a.jpg", 30, "", 0, 5]]
+    recs, report = run(iter_csv, write_csv(tmp_path / "l.csv", rows))
+    assert len(recs) == 1
+    assert dict(report.skipped) == {
+        "bad_age": 5,
+        "age_out_of_range": 2,
+        "bad_age_std": 1,
+        "bad_gender": 1,
+        "bad_race": 1,
+    }
+
+
+def test_utkface_names_with_undecodable_bytes_or_huge_numbers_are_counted(tmp_path: Path) -> None:
+    """Tar member names are bytes too: a non-UTF-8 byte imports, 5,000-digit numbers (past
+    Python's int-conversion limit) and race codes past 4 are counted."""
+    names = [
+        b"25_0_1_20170116174525125\xff.jpg.chip.jpg",
+        b"9" * 5000 + b"_0_1_2017.jpg",
+        b"30_1_9999999_20170116174525125.jpg",
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(jpeg_bytes())
+            tar.addfile(info, io.BytesIO(jpeg_bytes()))
+    recs, report = run(iter_utkface, write(tmp_path / "u.tar", buf.getvalue()))
+    assert [(r.age, r.gender, r.race) for r in recs] == [(25.0, 0, 1)]
+    assert "\\xff" in recs[0].source
+    assert dict(report.skipped) == {"bad_age": 1, "bad_race": 1}
+
+
+def test_csv_usage_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    from ageray.data.records import InputError
+
+    nocol = write_csv(tmp_path / "nocol.csv", [["file", "age"], ["a.jpg", 3]])
+    with pytest.raises(InputError) as e:
+        list(iter_csv(nocol, ImportReport()))
+    assert "importer option path_col=<column name>" in str(e.value)
+    assert "(rename the column)" not in str(e.value) and "(csv)" not in str(e.value)
+    recs, _ = run(
+        iter_csv,
+        write_csv(tmp_path / "other.csv", [["file", "years"]]),
+        path_col="file",
+        age_col="years",
+    )
+    assert recs == []
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.csv is empty"):
+        list(iter_csv(tmp_path / "empty.csv", ImportReport()))
+    appa = tmp_path / "appa"
+    write_csv(appa / "gt_avg_test.csv", [["file_name", "apparent_age_avg"], ["x.jpg", 3]])
+    with pytest.raises(InputError, match="column names are fixed") as e:
+        list(iter_appa_real(appa, ImportReport(), splits=["test"]))
+    assert "Pass" not in str(e.value)

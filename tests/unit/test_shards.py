@@ -22,7 +22,8 @@ from ageray.data import shards as shards_mod
 from ageray.data.manifest import summarize
 from ageray.data.records import ImportReport, Record
 from ageray.data.samplers import age_class
-from ageray.data.shards import assign_split, parse_splits, write_shards
+from ageray.data.shards import write_shards
+from ageray.data.splits import assign_split, parse_splits
 
 
 def read_samples(root: Path) -> dict[str, dict[str, dict]]:
@@ -336,6 +337,31 @@ def test_argument_errors_name_the_fix(tmp_path: Path) -> None:
         write([{"key": "x"}], tmp_path)
 
 
+def test_writer_applies_the_one_label_check(tmp_path: Path) -> None:
+    """Records from any code pass the importers' label rule before they reach a shard."""
+    records = make_records(12)
+    bad = {
+        0: {"age": 150.0},
+        1: {"age": float("inf")},
+        2: {"age": -3.0},
+        3: {"gender": 2},
+        4: {"race": 9},
+        5: {"age_std": float("nan")},
+    }
+    for i, change in bad.items():
+        records[i] = dataclasses.replace(records[i], **change)
+    m = write(records, tmp_path, splits="train=1")
+    assert m["skipped"] == {
+        "age_out_of_range": 2,
+        "bad_age": 1,
+        "bad_gender": 1,
+        "bad_race": 1,
+        "bad_age_std": 1,
+    }
+    assert m["splits"]["train"]["count"] == 6
+    assert sorted(read_samples(tmp_path)["train"]) == [r.key for r in records[6:]]
+
+
 # ------------------------------------------------------------------------------ tar reading
 
 
@@ -427,3 +453,89 @@ def test_make_shards_job_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert sum(s["count"] for s in manifest["splits"].values()) == 24
     assert main(["--source", "utkface", "--output", str(out)]) == 2  # --input missing
     assert main(["--source", "synthetic", "--output", str(out), "--splits", "a=2"]) == 2
+
+
+def _job(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    from jobs.make_shards import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = int(exc.code or 0)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_make_shards_usage_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "nocol.csv").write_text("file,age\na.jpg,3\n")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "out")
+    cases = {
+        "no column named 'path'": ["--source", "csv", "--input", str(tmp_path / "nocol.csv")],
+        "empty.csv is empty": ["--source", "csv", "--input", str(tmp_path / "empty.csv")],
+        "does not exist": ["--source", "utkface", "--input", str(tmp_path / "nothere")],
+        "got an unexpected keyword argument 'bogus'": [
+            "--source", "synthetic", "--importer-option", "bogus=1",
+        ],
+        "verify='maybe'": [
+            "--source", "csv", "--input", str(tmp_path / "nocol.csv"),
+            "--importer-option", "verify=maybe",
+        ],
+        "image_size=8 is too small": ["--source", "synthetic", "--image-size", "8"],
+        "--max-count: '0' must be at least 1": ["--source", "synthetic", "--max-count", "0"],
+        "invalid choice: 'imagenet'": ["--source", "imagenet"],
+    }  # fmt: skip
+    for expected, argv in cases.items():
+        rc, err = _job([*argv, "--output", out, "--quiet"], capsys)
+        assert rc == 2, (argv, err)
+        assert err.startswith("make_shards: ") and expected in err, err
+        assert "\n" not in err and "Traceback" not in err, err
+    assert (
+        "importer option path_col=<column name>"
+        in _job(
+            ["--source", "csv", "--input", str(tmp_path / "nocol.csv"), "--output", out], capsys
+        )[1]
+    )
+    rc, err = _job(["--source", "synthetic", "--output", str(tmp_path / "afile")], capsys)
+    assert rc == 2 and "is an existing file" in err
+    rc, err = _job(["--source", "synthetic", "--output", str(tmp_path / "afile" / "x")], capsys)
+    assert rc == 2 and "which is an existing file" in err
+    assert not (tmp_path / "out").exists()  # nothing was written for any of them
+
+
+def test_make_shards_cli_imports_non_utf8_names(tmp_path: Path) -> None:
+    """The real command line: a non-UTF-8 identity folder and a csv with a non-UTF-8 byte
+    are imported (or the row counted), exit 0, no traceback."""
+    root = os.fsencode(tmp_path / "ids")
+    for person in (b"caf\xe9", b"bob"):
+        for i in range(2):
+            path = os.path.join(root, person, b"%d.jpg" % i)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(jpeg(i, 20))
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    with open(os.fsencode(csv_dir) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(jpeg(5, 20))
+    (csv_dir / "l.csv").write_bytes(
+        b"path,age,identity\ncaf\xe9.jpg,30,p\xff\ncaf\xe9.jpg,3\xff,p\n"
+    )
+    for source, inp, expect in (
+        ("folders", os.fsdecode(root), "imported 4, skipped 0"),
+        ("csv", str(csv_dir / "l.csv"), "skipped      1 bad_age"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.make_shards", "--source", source, "--input", inp,
+             "--output", str(tmp_path / source), "--splits", "train=1", "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and expect in proc.stdout, proc.stdout
+    manifest = json.loads((tmp_path / "folders" / "manifest.json").read_text())
+    assert manifest["num_identities"] == 2

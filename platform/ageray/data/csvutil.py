@@ -3,6 +3,13 @@
 Why a module of its own: each dataset ships its labels as a slightly different csv (a header
 or none, a BOM, odd capitalisation, ``;`` instead of ``,``). Reading them in one place keeps
 the importers about *labels* and makes every csv error name the file, the row and the fix.
+
+Bytes that are not UTF-8 never stop a read: they are decoded with surrogate escapes, so a
+path cell still names its file on disk and a label cell fails its check like any other bad
+value (counted by the importer). A row the csv reader cannot parse at all (a field over the
+size limit) comes out as ``None`` cells, counted as ``bad_row``. What the user must fix
+(a missing or empty file, no header, a required column missing) raises
+:class:`~ageray.data.records.InputError`.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ import csv
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
+
+from ageray.data.records import InputError, MissingInputError
 
 __all__ = [
     "CsvTable",
@@ -47,11 +57,22 @@ class CsvTable:
         self.header = header
         self.delimiter = delimiter
 
-    def rows(self) -> Iterator[tuple[int, list[str]]]:
-        """Yield ``(line_number, cells)`` for every non-blank data row (header excluded)."""
-        with self.path.open(newline="", encoding="utf-8-sig") as f:
+    def rows(self) -> Iterator[tuple[int, list[str] | None]]:
+        """Yield ``(line_number, cells)`` for every non-blank data row (header excluded);
+        ``cells`` is None for a row the csv reader cannot parse."""
+        with _open(self.path) as f:
             reader = csv.reader(f, delimiter=self.delimiter)
-            for i, row in enumerate(reader, start=1):
+            i = 0
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error:
+                    i += 1
+                    yield reader.line_num, None
+                    continue
+                i += 1
                 if i == 1 and self.header is not None:
                     continue
                 if not row or all(not c.strip() for c in row):
@@ -82,17 +103,20 @@ def read_csv(
     unless given.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"label csv {path} does not exist")
-    with path.open(newline="", encoding="utf-8-sig") as f:
+        raise MissingInputError(f"label csv {path} does not exist")
+    with _open(path) as f:
         sample = f.read(64 * 1024)
     if not sample.strip():
-        raise ValueError(f"label csv {path} is empty")
+        raise InputError(f"label csv {path} is empty; it needs a header row and data rows")
     if delimiter is None:
         try:
             delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
         except csv.Error:
             delimiter = ","
-    first = next(csv.reader(sample.splitlines(), delimiter=delimiter), [])
+    try:
+        first = next(csv.reader(sample.splitlines(), delimiter=delimiter), [])
+    except csv.Error as exc:
+        raise InputError(f"label csv {path}: its first row cannot be read ({exc})") from None
     first = [c.strip() for c in first]
     if header is None:
         if numeric_column is None:
@@ -106,24 +130,37 @@ def find_column(
     table: CsvTable,
     candidates: Sequence[str],
     *,
-    option: str,
     required: bool,
+    option: str | None = None,
 ) -> int | None:
     """Index of the first column whose name matches one of ``candidates``.
 
-    A missing required column is an error that lists the columns the csv does have and the
-    importer option (``option``) that selects another column name.
+    A missing required column is an :class:`~ageray.data.records.InputError` that lists the
+    columns the csv does have and, when the importer has one, the option (``option``, e.g.
+    ``path_col``) that selects another column.
     """
     if table.header is None:
-        raise ValueError(f"{table.path}: this importer needs a header row naming the columns")
+        raise InputError(f"{table.path}: this importer needs a header row naming the columns")
     names = [normalize_name(h) for h in table.header]
     for cand in candidates:
         key = normalize_name(cand)
         if key in names:
             return names.index(key)
     if required:
-        raise ValueError(
+        if option:
+            fix = (
+                f"choose the column with the importer option {option}=<column name> "
+                f"(jobs.make_shards: --importer-option {option}=<column name>)"
+            )
+        else:
+            fix = "this dataset's column names are fixed: is this its own label csv?"
+        raise InputError(
             f"{table.path}: no column named {' or '.join(repr(c) for c in candidates)}; "
-            f"the header has {table.header}. Pass {option}='<column name>' to choose one."
+            f"the header has {table.header}; {fix}"
         )
     return None
+
+
+def _open(path: Path) -> TextIO:
+    """A csv file as text: UTF-8 (BOM dropped), undecodable bytes as surrogate escapes."""
+    return path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")

@@ -35,6 +35,7 @@ import webdataset as wds
 from ageray.data import storage
 from ageray.data.augment import DeviceAugmenter, build_decode_transform, decode_size
 from ageray.data.batching import BufferRing, batched, finish_batch, no_convert
+from ageray.data.labels import AGE_MAX, AGE_MIN
 from ageray.data.manifest import read_manifest, split_info
 from ageray.data.readplan import (
     ReadPlan,
@@ -105,6 +106,8 @@ class StreamSpec:
     per_class: int = 16
     max_pending: int = 4096
     num_classes: int = 101
+    require_age: bool = True  # a member without an age is skipped (missing_age)
+    age_range: tuple[float, float] = (AGE_MIN, AGE_MAX)
     # AWS_* settings of the process that built the loader. forkserver workers are forked
     # from a server started earlier and would otherwise see that server's environment (an
     # endpoint or profile set later would be silently ignored). Never printed.
@@ -195,7 +198,11 @@ def assemble(
     ]
     if plan.modulo is not None:
         stages.append(functools.partial(select_modulo, slot=plan.modulo, num_slots=plan.num_slots))
-    stages.append(functools.partial(parse_labels, counter=counter))
+    stages.append(
+        functools.partial(
+            parse_labels, counter=counter, require_age=spec.require_age, age_range=spec.age_range
+        )
+    )
     if train:
         what = f"split {spec.split!r} rank {spec.rank} slot {plan.slot}"
         stages.append(functools.partial(stop_on_empty_pass, what=what))
@@ -366,14 +373,23 @@ def dataloader_workers(setting: int | str) -> int:
 
 
 def _stream_spec(
-    cfg: Any, split: str, *, rank: int, world_size: int, **kw: Any
+    cfg: Any,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    require_age: bool | None,
+    **kw: Any,
 ) -> tuple[dict[str, Any], StreamSpec]:
     """``split``'s manifest entry and the spec of its stream for ``rank`` (``kw``: the
-    mode and its settings)."""
+    mode and its settings). ``require_age=None``: required when the manifest says the split
+    has ages (every age dataset; identity folders for pretraining have none)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
     manifest = read_manifest(cfg.shards)
     info = split_info(manifest, split, cfg.shards)
+    if require_age is None:
+        require_age = "age" in info.get("fields", ["age"])
     spec = StreamSpec(
         cfg=cfg,
         split=split,
@@ -383,6 +399,7 @@ def _stream_spec(
         world_size=world_size,
         num_workers=dataloader_workers(cfg.num_workers),
         aws_env=_aws_env(),
+        require_age=require_age,
         **kw,
     )
     return info, spec
@@ -400,6 +417,8 @@ def train_loader(
     num_classes: int = 101,
     per_class: int = 16,
     max_pending: int = 4096,
+    require_age: bool | None = None,
+    age_range: tuple[float, float] = (AGE_MIN, AGE_MAX),
     multiprocessing_context: str | None = "forkserver",
     pin_memory: bool | None = None,
     device: str | torch.device | None = None,
@@ -409,7 +428,9 @@ def train_loader(
     ``sampler``: ``instance`` (shuffle buffer of ``cfg.shuffle_buffer``), ``class``
     (LAE/GLAE stage 2) or ``age_aware`` (Xing et al.); see ``ageray.data.samplers``.
     Extra knobs not (yet) in DataConfig: ``num_classes`` (age classes 0..K-1 for balancing),
-    ``per_class`` / ``max_pending`` (balanced buffers), ``multiprocessing_context`` for the
+    ``per_class`` / ``max_pending`` (balanced buffers), ``require_age`` / ``age_range`` (the
+    label check, see :func:`~ageray.data.stages.parse_labels`; by default an age is required
+    when the split's manifest lists ages), ``multiprocessing_context`` for the
     DataLoader workers (forkserver or spawn: fork is unsafe inside Ray workers), ``device``
     (e.g. ``"cuda"``: batches arrive there, images moved as uint8 with pinned memory and
     normalised on the device; default: CPU tensors).
@@ -429,6 +450,8 @@ def train_loader(
         per_class=per_class,
         max_pending=max_pending,
         num_classes=num_classes,
+        require_age=require_age,
+        age_range=tuple(age_range),
     )
     if sampler != "instance":
         spec.classes = sorted({age_class(int(k), num_classes) for k in info.get("age_hist", {})})
@@ -460,13 +483,18 @@ def eval_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
+    require_age: bool | None = None,
+    age_range: tuple[float, float] = (AGE_MIN, AGE_MAX),
     multiprocessing_context: str | None = "forkserver",
     pin_memory: bool | None = None,
     device: str | torch.device | None = None,
 ) -> ShardLoader:
     """The evaluation stream of ``split`` for one rank: every sample of the split exactly
     once across all ranks and workers, in a fixed order, last batch of each worker partial.
-    Batches are ``cfg.eval_batch_size``; images get ``build_eval_transform(cfg)``."""
+    Batches are ``cfg.eval_batch_size``; images get ``build_eval_transform(cfg)``.
+    Members whose labels fail the check are skipped and counted in ``loader.skipped`` (the
+    evaluation report's ``skipped``); ``require_age`` / ``age_range`` as in
+    :func:`train_loader`."""
     _, spec = _stream_spec(
         cfg,
         split,
@@ -474,6 +502,8 @@ def eval_loader(
         world_size=world_size,
         mode="eval",
         batch_size=int(cfg.eval_batch_size),
+        require_age=require_age,
+        age_range=tuple(age_range),
     )
     num_samples, num_batches = eval_share(
         spec.counts,

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ageray.data.shards import stable_unit
+from ageray.data.splits import stable_unit
 
 __all__ = [
     "ReadPlan",

@@ -4,6 +4,14 @@ stores it. Also the import report, which counts every row that could not be used
 Why one small type: seven importers (UTKFace, FG-NET, APPA-REAL, MIVIA, Morph II, identity
 folders, generic csv) and a synthetic generator all feed the same writer; agreeing on one
 record keeps the writer and the streams free of per-dataset cases.
+
+**Any byte sequence in a name is imported or counted, never an abort.** File and folder
+names that are not UTF-8 reach Python as ``str`` with surrogate escapes (PEP 383); they
+open files fine but cannot be encoded, hashed, printed or stored as JSON. A record's
+``identity`` and ``source`` and every example in a report go through :func:`printable`
+(undecodable bytes become ``\\xNN``), so a person whose folder is named in Latin-1 is one
+identity like any other. :class:`InputError` marks what is the user's to fix (a missing
+input, a csv without its column): ``jobs.make_shards`` prints it as one line, exit 2.
 """
 
 from __future__ import annotations
@@ -13,15 +21,43 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KEY_RE", "ImportReport", "Record", "safe_key"]
+__all__ = [
+    "KEY_RE",
+    "ImportReport",
+    "InputError",
+    "MissingInputError",
+    "Record",
+    "printable",
+    "safe_key",
+]
 
 # webdataset groups tar members by the part of the name before the first dot, so keys may
 # not contain dots (or slashes). Everything else outside [A-Za-z0-9_-] is replaced.
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
-GENDERS = ("male", "female")  # UTKFace convention: 0 male, 1 female
-RACES = ("white", "black", "asian", "indian", "other")  # UTKFace convention
+
+class InputError(ValueError):
+    """An importer's input or options cannot be used as given (wrong layout, empty csv, a
+    required column missing, an option out of range). The message names the input and the
+    fix; it is a usage error, not a bug, and is reported without a traceback."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """The input path (or a file the layout requires) does not exist."""
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogate escapes of a non-UTF-8 file name or csv
+    cell) as ``\\xNN``: deterministic, distinct per byte sequence, and safe to encode,
+    hash, print and store in JSON. Other text is returned unchanged."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def safe_key(text: str) -> str:
@@ -53,6 +89,9 @@ class Record:
     source: str = ""  # original path or csv row, for error messages only
 
     def __post_init__(self) -> None:
+        if self.identity is not None:
+            self.identity = printable(str(self.identity))
+        self.source = printable(self.source)
         if not KEY_RE.match(self.key):
             raise ValueError(f"record key {self.key!r} must match {KEY_RE.pattern}; use safe_key()")
 
@@ -87,11 +126,11 @@ class ImportReport:
 
     def skip(self, reason: str, example: str) -> None:
         self.skipped[reason] += 1
-        self._example(reason, example)
+        self._example(reason, printable(example))
 
     def note_partial(self, reason: str, example: str) -> None:
         self.partial[reason] += 1
-        self._example(reason, example)
+        self._example(reason, printable(example))
 
     def _example(self, reason: str, example: str) -> None:
         ex = self.examples.setdefault(reason, [])

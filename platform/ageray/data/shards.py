@@ -13,11 +13,8 @@ decodes, in a thread pool; the image bytes are appended to one local staging fil
 is one copy of the (aligned) images under the temp folder. The importer runs once, so its
 report is counted once.
 
-**Splits.** Deterministic and stable under growth: each *group* goes to the split where
-``sha256(seed, group)`` (as a number in [0, 1)) falls among the cumulative fractions. A group
-is the identity when the record has one (nobody spans two splits), else the key. Adding
-records never moves an existing record to another split, so test data never leaks into train
-when a data set grows. Fractions are met in expectation (exactly for ``{"test": 1}``).
+**Splits.** By identity when the record has one (nobody spans two splits), else by key, with
+the rule of ``ageray.data.splits`` (stable when a data set grows).
 
 **Order and shard boundaries.** Within a split, samples are ordered by ``sha256(seed, key)``
 (a fixed shuffle), except that the first sample of every age class comes first: the first
@@ -39,8 +36,9 @@ either no manifest or a manifest whose shards all exist. One writer per output a
 **Manifest.** As in docs/design.md (its format lives in ``ageray.data.manifest``), plus:
 each shard's ``age_hist`` (a class-balanced stream reads shards covering every age first),
 ``skipped`` / ``skipped_total`` / ``skipped_examples`` for records the writer dropped
-(``not_image``, ``truncated``, ``bad_age``, ``duplicate_key``, ``transform_dropped``,
-``transform_error``; the importer's own skips are under ``import``) and ``align.enabled``.
+(``not_image``, ``truncated``, ``duplicate_key``, ``transform_dropped``, ``transform_error``
+and the label check's reasons, ``bad_age``, ``age_out_of_range``, ``bad_gender``, ...; the
+importer's own skips are under ``import``) and ``align.enabled``.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import tarfile
 import tempfile
@@ -65,6 +62,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ageray.data import storage
+from ageray.data.labels import LabelError, check_labels
 from ageray.data.manifest import (
     FORMAT,
     SHARD_NAME,
@@ -73,91 +71,16 @@ from ageray.data.manifest import (
     split_stats,
     write_manifest,
 )
-from ageray.data.records import ImportReport, Record
+from ageray.data.records import ImportReport, Record, printable
 from ageray.data.samplers import age_class
+from ageray.data.splits import DEFAULT_SPLITS, assign_split, parse_splits, stable_unit
 from ageray.data.transforms import CorruptImageError, decode_image
 
-__all__ = [
-    "align_transform",
-    "assign_split",
-    "parse_splits",
-    "stable_unit",
-    "write_shards",
-]
+__all__ = ["align_transform", "write_shards"]
 
 log = logging.getLogger(__name__)
 
 _BLOCK = tarfile.BLOCKSIZE
-DEFAULT_SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-
-
-# --------------------------------------------------------------------------------------
-# Split rule
-# --------------------------------------------------------------------------------------
-
-
-def parse_splits(text: str | Mapping[str, float]) -> dict[str, float]:
-    """``"train=0.8,val=0.1,test=0.1"`` (or a mapping) -> validated ``{name: fraction}``.
-
-    Fractions must be >= 0 and sum to 1 (within 1e-6); ``test=1`` puts everything in test.
-    """
-    if isinstance(text, Mapping):
-        items = [(str(k), float(v)) for k, v in text.items()]
-    else:
-        items = []
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" not in part:
-                raise ValueError(
-                    f"--splits {text!r}: {part!r} must look like name=fraction, "
-                    "e.g. train=0.8,val=0.1,test=0.1"
-                )
-            name, value = part.split("=", 1)
-            try:
-                items.append((name.strip(), float(value)))
-            except ValueError as exc:
-                raise ValueError(f"--splits {text!r}: {value!r} is not a number") from exc
-    if not items:
-        raise ValueError(f"--splits {text!r}: no splits given")
-    out: dict[str, float] = {}
-    for name, frac in items:
-        if not SPLIT_NAME.match(name):
-            raise ValueError(f"split name {name!r} must match {SPLIT_NAME.pattern}")
-        if name in out:
-            raise ValueError(f"split {name!r} given twice in {text!r}")
-        if not (frac >= 0 and math.isfinite(frac)):
-            raise ValueError(f"split {name}={frac}: fractions must be >= 0")
-        out[name] = frac
-    total = sum(out.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"split fractions {out} sum to {total:g}; they must sum to 1")
-    return out
-
-
-def stable_unit(seed: int, text: str) -> float:
-    """A deterministic number in [0, 1) from ``(seed, text)``; the same on every machine and
-    Python version (unlike ``hash()``)."""
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def assign_split(group: str, splits: Mapping[str, float], seed: int = 0) -> str:
-    """The split of a group (identity or key): where its stable hash falls among the
-    cumulative fractions. Depends only on ``group``, ``splits`` and ``seed``."""
-    u = stable_unit(seed, group)
-    acc = 0.0
-    last = None
-    for name, frac in splits.items():
-        if frac <= 0:
-            continue
-        acc += frac
-        last = name
-        if u < acc:
-            return name
-    assert last is not None, "parse_splits guarantees a positive fraction"
-    return last
 
 
 # --------------------------------------------------------------------------------------
@@ -201,8 +124,19 @@ def _check_record(
     ``not_image``/``truncated``, not as an alignment failure), align (optional), pick the
     member extension. Returns a skip reason instead of raising for unusable records."""
     name = record.source or record.key
-    if record.age is not None and not math.isfinite(float(record.age)):
-        return _Checked(None, skip="bad_age", detail=f"{name}: age={record.age}")
+    try:  # the one label check (ageray.data.labels), as the importers and the stream
+        check_labels(
+            {
+                "age": record.age,
+                "age_std": record.age_std,
+                "gender": record.gender,
+                "race": record.race,
+            },
+            require_age=False,
+            identity=False,
+        )
+    except LabelError as exc:
+        return _Checked(None, skip=exc.reason, detail=f"{name}: {exc}")
     data = record.image
     try:
         img = decode_image(data, name=name) if verify else None
@@ -508,7 +442,7 @@ def write_shards(
                     "format": FORMAT,
                     "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "source": source,
-                    "input": str(input),
+                    "input": printable(str(input)),
                     "options": {
                         **dict(options or {}),
                         "splits": fractions,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ageray.data.labels import LABEL_SKIP_REASONS
+
 __all__ = ["SKIP_REASONS", "SkipCounter"]
 
 SKIP_REASONS = (
@@ -23,7 +25,8 @@ SKIP_REASONS = (
     "too_large",  # refused by Pillow's decompression-bomb guard
     "no_label",  # an image without its .json
     "no_image",  # a .json without its image
-    "bad_label",  # a .json that is not a label object with "age"
+    "bad_label",  # a .json that is not a JSON object
+    *LABEL_SKIP_REASONS,  # a label that fails the one label check (ageray.data.labels)
     "bad_shard",  # a shard that cannot be opened/read or ends before its manifest count
 )
 

@@ -8,9 +8,10 @@ Each stage is a small generator over the previous one (webdataset style), testab
       train/class|age_aware: -> stop_on_empty_pass -> balanced_stream(decode) -> batched
       eval:                  -> decoded -> batched
 
-``parse_labels`` turns a raw sample into a :class:`ShardSample` (image bytes + typed labels)
-and counts ``no_label``, ``no_image`` and ``bad_label``; :class:`ImageDecoder` counts
-``not_image``, ``truncated`` and ``too_large`` (see ``ageray.data.skips``).
+``parse_labels`` turns a raw sample into a :class:`ShardSample` (image bytes + checked
+labels) and counts ``no_label``, ``no_image``, ``bad_label`` and the label check's reasons
+(``bad_age``, ``age_out_of_range``, ...); :class:`ImageDecoder` counts ``not_image``,
+``truncated`` and ``too_large`` (see ``ageray.data.skips``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
+from ageray.data.labels import AGE_MAX, AGE_MIN, LabelError, check_labels
 from ageray.data.samplers import PASS_END, age_class
 from ageray.data.skips import SkipCounter
 from ageray.data.transforms import CorruptImageError, decode_image
@@ -68,25 +70,23 @@ def select_modulo(src: Iterable[Any], *, slot: int, num_slots: int) -> Iterator[
         i += 1
 
 
-def _int_or_missing(value: Any) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise ValueError(f"not an integer label: {value!r}")
-    return int(value)
+def parse_labels(
+    src: Iterable[Any],
+    *,
+    counter: SkipCounter,
+    require_age: bool = False,
+    age_range: tuple[float, float] = (AGE_MIN, AGE_MAX),
+) -> Iterator[Any]:
+    """Raw samples -> :class:`ShardSample` (image bytes + typed labels), every label through
+    the one label check of :mod:`ageray.data.labels`, the importers' rule.
 
-
-def _float_or_nan(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"not a number: {value!r}")
-    return float(value)
-
-
-def parse_labels(src: Iterable[Any], *, counter: SkipCounter) -> Iterator[Any]:
-    """Raw samples -> :class:`ShardSample` (image bytes + typed labels); counts ``no_label``,
-    ``no_image`` and ``bad_label``."""
+    Counts ``no_image``, ``no_label`` (an image without its json), ``bad_label`` (json that
+    is not a label object) and the label check's reasons: ``missing_age`` (only with
+    ``require_age``: a split of an age dataset), ``bad_age`` (not a finite number),
+    ``age_out_of_range`` (outside ``age_range``), ``bad_age_std``, ``age_std_out_of_range``,
+    ``bad_gender``, ``bad_race``, ``bad_identity``. A non-finite age would otherwise turn the
+    loss into NaN far from its cause, and an out-of-range one bias every metric.
+    """
     for sample in src:
         if sample is PASS_END:
             yield sample
@@ -101,22 +101,32 @@ def parse_labels(src: Iterable[Any], *, counter: SkipCounter) -> Iterator[Any]:
             continue
         try:
             labels = json.loads(raw)
-            if not isinstance(labels, dict) or "age" not in labels:
-                raise ValueError("label json must be an object with an 'age' field")
-            item = ShardSample(
-                key=sample["__key__"],
-                image=image,
-                age=_float_or_nan(labels.get("age")),
-                age_std=_float_or_nan(labels.get("age_std")),
-                gender=_int_or_missing(labels.get("gender")),
-                race=_int_or_missing(labels.get("race")),
-                identity=_int_or_missing(labels.get("identity")),
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            labels = exc
+        if not isinstance(labels, dict):
             counter.add("bad_label")
-            log.debug("bad label json in %s: %s", sample["__key__"], exc)
+            log.debug("bad label json in %s: %s", sample["__key__"], labels)
             continue
-        yield item
+        try:
+            checked = check_labels(labels, require_age=require_age, age_range=age_range)
+        except LabelError as exc:
+            counter.add(exc.reason)
+            log.debug("bad label in %s: %s", sample["__key__"], exc)
+            continue
+        yield ShardSample(
+            key=sample["__key__"],
+            image=image,
+            age=_or(checked["age"], math.nan),
+            age_std=_or(checked["age_std"], math.nan),
+            gender=_or(checked["gender"], -1),
+            race=_or(checked["race"], -1),
+            identity=_or(checked["identity"], -1),
+        )
+
+
+def _or(value: Any, missing: Any) -> Any:
+    """A batch holds NaN (float labels) or -1 (codes) where a label is absent."""
+    return missing if value is None else value
 
 
 def stop_on_empty_pass(src: Iterable[Any], *, what: str = "") -> Iterator[Any]:
