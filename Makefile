@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ageray-installed
 # torch; its code runs on current torch, so it is installed without its pins.
 FACENET := facenet-pytorch==2.6.0
 
-.PHONY: install demo test test-unit test-integration lint format bench clean
+.PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.data_pipeline --images 3000 --repeats 5
 	$(BIN)/python -m benchmarks.train_overhead --images 1024 --repeats 3
 	$(BIN)/python -m benchmarks.serve_load --seconds 12 --repeats 3
+
+# The folder that travels with one GPU device run (at most 60 MiB, git-ignored): the
+# webdataset wheel, UTKFace shards re-encoded at 128 px from ../shared/data/utkface-dev.tar,
+# and run.sh. On the GPU machine, from the repository root: bash gpu-pack/run.sh
+# (python -m benchmarks.gpu_check --dry-run runs the same check on a CPU at tiny sizes.)
+gpu-pack: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_pack --out gpu-pack $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
