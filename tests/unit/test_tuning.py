@@ -486,3 +486,27 @@ def test_closing_report_of_a_trial(tmp_path: Path):
         "test_routed_mae": 3.5,
         "test_vanilla_aar": 4.1,
     }
+
+
+def test_resume_compares_an_older_search_definition_in_todays_terms():
+    """A search started by an earlier release wrote its config without keys added since and
+    with keys retired since; neither is a change of the search, a changed value is."""
+    from ageray.config import RETIRED_KEYS, Config, flatten
+    from ageray.tuning.search import _definition, _diff, _in_todays_terms
+
+    space = parse_space({"params": {"model.proj_depth": {"grid": [0, 1]}}})
+    now = _definition(base(), space, parse_metric("mae"))
+    old = _definition(base(), space, parse_metric("mae"))
+    default = flatten(to_dict(Config()))
+    added = next(k for k, v in flatten(old["config"]).items() if default.get(k) == v)
+    *path, leaf = added.split(".")
+    node = old["config"]
+    for part in path:
+        node = node[part]
+    del node[leaf]  # as if the key did not exist yet (its default is what the search used)
+    section, key = next(iter(RETIRED_KEYS)).split(".")
+    old["config"][section][key] = True  # a key that no longer exists
+    assert _diff(old, now)  # compared as written, they differ
+    assert _diff(_in_todays_terms(old), now) == []
+    old["config"]["model"]["fr_kernel"] = 32
+    assert _diff(_in_todays_terms(old), now) == ["config.model.fr_kernel"]

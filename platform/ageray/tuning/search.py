@@ -15,12 +15,13 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ageray.config import Config, ConfigError, load_config, to_dict
+from ageray.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from ageray.tuning.algorithms import (
     asha_rungs,
     make_scheduler,
@@ -137,6 +138,21 @@ def _definition(base: Mapping[str, Any], space: SearchSpace, spec: MetricSpec) -
     }
 
 
+def _in_todays_terms(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A search definition written by an earlier version, its config loaded and written back
+    by today's code: keys added since take their defaults and retired keys drop out, so a
+    resume is refused only for a real difference, not for a release in between."""
+    out = dict(saved)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # retired keys: said once when the search started
+            cfg = config_from_dict(copy.deepcopy(saved["config"]))
+    except (ConfigError, KeyError, TypeError):  # not loadable any more: compare as written
+        return out
+    out["config"] = json.loads(json.dumps(to_dict(cfg), default=str))
+    return out
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         out = []
@@ -246,7 +262,7 @@ def _check_resume(p: _Plan, o: SearchOptions, tune_path: str, fs: Any) -> bool:
     definition = _definition(p.user_base, p.space, p.spec)
     definition_path = storage.join(p.search_root, "search.json")
     if exists and storage.exists(definition_path):
-        changed = _diff(storage.read_json(definition_path), definition)
+        changed = _diff(_in_todays_terms(storage.read_json(definition_path)), definition)
         if changed:
             raise TuningError(
                 f"--resume {p.name!r}: the recipe, --set values or space differ from the ones "
