@@ -180,3 +180,13 @@ def test_dry_run_runs_every_step_with_the_device_packages_only(tmp_path: Path) -
     extra = (imported & third_party) - allowed_modules(device) - set(OWN_MODULES)
     assert extra, "the listing sees the packed modules the check needs"
     assert extra <= allowed_modules(PACK_PACKAGES), f"not in the pack: {sorted(extra)}"
+
+
+def test_gpu_runs_use_nccl_and_cpu_runs_gloo() -> None:
+    from ageray.config import Config
+    from ageray.training.driver import process_group_backend
+
+    cfg = Config()
+    assert process_group_backend(cfg) == "gloo"
+    cfg.ray.use_gpu = True
+    assert process_group_backend(cfg) == "nccl"
