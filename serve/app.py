@@ -257,14 +257,20 @@ class AgeEstimator:
         """Download + load + warm up (blocking; reconfigure runs it in a thread)."""
         t0 = time.perf_counter()
         served = load_served_model(
-            uri, settings.device, registry, channels_last=settings.channels_last
+            uri,
+            settings.device,
+            registry,
+            channels_last=settings.channels_last,
+            backend=settings.backend,
+            threads=settings.torch_threads,
         )
         warm_ms = warmup(served, settings.warmup_batch_sizes, settings.rule)
         log.info(
-            "ageray: loaded %s version %s on %s in %.0f ms (warm-up %.0f ms)",
+            "ageray: loaded %s version %s on %s (%s) in %.0f ms (warm-up %.0f ms)",
             served.registry.get("name"),
             served.registry.get("version"),
             served.device,
+            served.backend,
             (time.perf_counter() - t0) * 1000,
             warm_ms,
         )
@@ -327,6 +333,7 @@ class AgeEstimator:
 
             reg = await asyncio.to_thread(model_info, new.model_uri)
         changed = current is None or new.model_uri != current.registry.get("uri")
+        changed = changed or current.backend != new.backend  # torch <-> onnxruntime
         if reg and current is not None:
             changed = changed or (reg.get("name"), reg.get("version")) != (
                 current.registry.get("name"),

@@ -4,10 +4,18 @@ Why code and not a pickled object: ``mlflow.pyfunc.load_model("models:/ageray@ca
 then executes this file and reads ``model.safetensors`` + ``model.json``; nothing is
 unpickled, so a registered model cannot smuggle arbitrary objects into the loader.
 
+Every answer comes from the one inference path (:class:`ageray.inference.ImagePredictor`):
+alignment as trained, the JPEG draft decode, evaluation's preprocessing, image + flip through
+both heads, the model's routing rule; the same rows Serve answers and ``jobs.predict`` writes.
+
 Input: a pandas DataFrame with an ``image`` column of encoded images (bytes, or base64
-strings), or a numpy array of already-preprocessed images ``(N, 3, S, S)``. Output: a
-DataFrame with ``age``, ``head`` ("vanilla"/"balanced"), ``age_vanilla``, ``kl_vanilla`` and,
-for two-head models, ``age_balanced``, ``kl_balanced``.
+strings) and optionally a ``key`` column, or a numpy array of already-preprocessed images
+``(N, 3, S, S)``. Output: a DataFrame with the answer rows' columns
+(``ageray.inference.answers``: ``key``, ``age``, ``age_low``, ``age_high``, ``head``,
+``weight_balanced``, ``rule``, ``age_vanilla``, ``kl_vanilla``, ``age_balanced``,
+``kl_balanced``, ``gender``..., ``error``); an image that cannot be decoded gets a row with
+``error`` set. ``params={"rule": ...}`` picks another servable rule, ``{"distribution":
+True}`` adds the distribution column.
 """
 
 from __future__ import annotations
@@ -22,51 +30,53 @@ import numpy as np
 
 class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from ageray.model import load_model
+        from ageray.inference import ImagePredictor
 
-        self.model, self.info = load_model(context.artifacts["model"])
-        self.model.eval()
+        self.path = ImagePredictor.load(context.artifacts["model"])
+        self.model, self.info = self.path.model, self.path.info
 
-    def _tensor(self, model_input: Any):
-        import torch
-
-        from ageray.data.transforms import decode_image, preprocess_for_eval
-        from ageray.evaluation import eval_config
-
-        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-            return torch.as_tensor(model_input, dtype=torch.float32)
+    @staticmethod
+    def _images(model_input: Any) -> tuple[list[bytes | None], list[str], list[str | None]]:
         column = model_input["image"] if hasattr(model_input, "columns") else model_input
-        images = []
-        for i, item in enumerate(list(column)):
-            raw = item
+        items = list(column)
+        if hasattr(model_input, "columns") and "key" in model_input.columns:
+            keys = [str(k) for k in model_input["key"]]
+        else:
+            keys = [f"row-{i}" for i in range(len(items))]
+        images: list[bytes | None] = []
+        errors: list[str | None] = []
+        for i, item in enumerate(items):
+            raw, err = item, None
             if isinstance(item, str):
                 try:
                     raw = base64.b64decode(item, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise ValueError(f"row {i}: 'image' is not valid base64") from exc
-            images.append(decode_image(bytes(raw)))
-        cfg = eval_config(self.info, shards="", split="test")
-        return preprocess_for_eval(images, cfg.data)
+                except (binascii.Error, ValueError):
+                    raw, err = None, f"not_base64: row {i}: 'image' is not valid base64"
+            images.append(None if raw is None else bytes(raw))
+            errors.append(err)
+        return images, keys, errors
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
+        from ageray.inference import ROW_FIELDS
         from ageray.model import check_servable
 
-        x = self._tensor(model_input)
-        rule = (params or {}).get("rule")  # None: the model's own (possibly fitted) rule
+        params = params or {}
+        rule = params.get("rule")  # None: the model's own (possibly fitted) rule
         if rule is not None:
             check_servable(str(rule), "pyfunc params.rule")
-        pred = self.model.predict(x, flip=True, rule=rule)
-        out: dict[str, Any] = {
-            "age": pred.age.float().cpu().numpy(),
-            "head": np.where(pred.head.cpu().numpy() == 1, "balanced", "vanilla"),
-        }
-        for name, res in pred.heads.items():
-            out[f"age_{name}"] = res["age"].float().cpu().numpy()
-            if res.get("kl") is not None:
-                out[f"kl_{name}"] = res["kl"].float().cpu().numpy()
-        return pd.DataFrame(out)
+        distribution = bool(params.get("distribution", False))
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+            outputs = self.path.forward(model_input, rule)
+            rows = self.path.rows(outputs, rule=rule, distribution=distribution)
+        else:
+            images, keys, errors = self._images(model_input)
+            rows = self.path.predict(
+                images, keys=keys, errors=errors, rule=rule, distribution=distribution
+            )
+        columns = [*ROW_FIELDS, "distribution"] if distribution else list(ROW_FIELDS)
+        return pd.DataFrame.from_records(rows, columns=columns)
 
 
 mlflow.models.set_model(AgeRayPyfunc())

@@ -310,16 +310,12 @@ def test_forward_matches_model_predict(served) -> None:
         assert out["age"] == pytest.approx(float(pred.age[i]), abs=1e-6)
         assert out["head"] == ("balanced" if int(pred.head[i]) else "vanilla")
         for name in ("vanilla", "balanced"):
-            assert out["heads"][name]["age"] == pytest.approx(
-                float(pred.heads[name]["age"][i]), abs=1e-6
-            )
-            assert out["heads"][name]["kl"] == pytest.approx(
-                float(pred.heads[name]["kl"][i]), rel=1e-9
-            )
-        chosen = out["heads"][out["head"]]
-        other = out["heads"]["vanilla" if out["head"] == "balanced" else "balanced"]
-        assert chosen["kl"] <= other["kl"]  # AR: the smaller flip-KL answers
-        assert out["age"] == pytest.approx(chosen["age"], abs=1e-4)
+            assert out[f"age_{name}"] == pytest.approx(float(pred.heads[name]["age"][i]), abs=1e-6)
+            assert out[f"kl_{name}"] == pytest.approx(float(pred.heads[name]["kl"][i]), rel=1e-9)
+        other = "vanilla" if out["head"] == "balanced" else "balanced"
+        assert out[f"kl_{out['head']}"] <= out[f"kl_{other}"]  # AR: the smaller flip-KL answers
+        assert out["age"] == pytest.approx(out[f"age_{out['head']}"], abs=1e-4)
+        assert out["rule"] == "smaller" and out["age_low"] <= out["age"] <= out["age_high"]
     # batched and one-at-a-time answers agree (what the batching in Serve relies on)
     single = [served.forward(x[i : i + 1])[0]["age"] for i in range(len(data))]
     assert np.allclose(single, [o["age"] for o in outs], atol=1e-4)
@@ -330,8 +326,12 @@ def test_build_prediction(served) -> None:
     res = served.forward(x)[0]
     timing = {"decode": 1.23456, "queue": 0.1, "forward": 5.0, "total": 7.0}
     out = build_prediction(res, served, timing_ms=timing, batch_size=1)
-    assert set(out) == {"age", "head", "heads", "model", "timing_ms", "batch_size"}
+    assert set(out) == {
+        "age", "head", "heads", "interval", "rule", "model", "timing_ms", "batch_size"
+    }  # fmt: skip
     assert out["head"] in ("vanilla", "balanced")
+    assert out["interval"]["level"] == 0.9
+    assert out["interval"]["low"] <= out["age"] <= out["interval"]["high"]
     assert set(out["heads"]) == {"vanilla", "balanced"}
     assert set(out["heads"]["vanilla"]) == {"age", "kl"}
     assert out["model"]["uri"] == served.registry["uri"]
@@ -353,7 +353,8 @@ def test_normalize_null_falls_back_to_default(tmp_path: Path) -> None:
     served = load_served_model(str(tmp_path / "m"), "cpu")
     assert served.data_cfg.normalize == "imagenet" and served.head_names == ["vanilla"]
     out = served.forward(served.model_input(face_jpeg(), "x", LIMITS).tensor[None])[0]
-    assert out["head"] == "vanilla" and set(out["heads"]) == {"vanilla"}
+    assert out["head"] == "vanilla" and out["age_balanced"] is None
+    assert set(build_prediction(out, served)["heads"]) == {"vanilla"}
 
 
 def test_aligned_model_reports_the_face(tmp_path: Path) -> None:

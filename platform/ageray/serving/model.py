@@ -1,18 +1,18 @@
 """The served model: loading a registered version, warming it up, turning image bytes into
 its input, the batched forward and the JSON answer for one image.
 
-Why these rules: preprocessing is evaluation's (``decode_image`` at the model's input size,
-then :func:`ageray.data.transforms.preprocess_for_eval` with the ``data`` section of the
-model's ``model.json``; a model saved with ``"align": true`` first goes through the shard
-writer's :class:`ageray.data.align.FaceAligner` path), and the forward is GLAE's test
-protocol (``model.predict(x, flip=True, rule=...)``: image and flip in one pass, both heads
-on one backbone pass, Adaptive Routing per image), so the endpoint answers exactly what
-``jobs.evaluate`` measured.
+Why these rules: every step is the one inference path's (:class:`ageray.inference.
+ImagePredictor`): alignment as trained, the JPEG draft decode and evaluation's preprocessing
+(:meth:`~ageray.inference.ImagePredictor.prepare`, with Serve's header check for pixel bombs
+in front), GLAE's test protocol in one forward (image and flip, both heads, the model's
+routing rule) and the answer row, so the endpoint answers exactly what ``jobs.evaluate``
+measured and ``jobs.predict`` writes. ``backend`` picks who runs the forward: eager PyTorch
+(``torch``, the default) or the ONNX export in ONNX Runtime (``onnxruntime``; the model is
+exported when the replica loads it, with the same parity check as ``jobs.export``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from ageray.serving.errors import ServeError
+from ageray.inference import HEADS, INTERVAL_LEVEL, ImagePredictor
 from ageray.serving.images import decode_checked
 from ageray.serving.settings import Limits
 
@@ -56,6 +56,21 @@ class ServedModel:
     aligner: Any | None = None  # ageray.data.align.FaceAligner when model.json says align
     loaded_at: float = field(default_factory=time.time)
     key: str = ""  # identity of the loaded weights (uri + version) for swap decisions
+    path: ImagePredictor | None = None  # the one inference path (built in __post_init__)
+    backend: str = "torch"  # torch | onnxruntime (who runs the forward)
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            from ageray.inference import InputSpec, TorchBackend
+
+            spec = InputSpec.from_info(self.info)
+            self.path = ImagePredictor(
+                backend=TorchBackend(self.model, device=self.device),
+                spec=spec,
+                info=self.info,
+                aligner=self.aligner,
+                model=self.model,
+            )
 
     @property
     def image_size(self) -> int:
@@ -100,75 +115,31 @@ class ServedModel:
 
     # ---------------------------------------------------------------- preprocessing
     def model_input(self, data: bytes, name: str, limits: Limits) -> ModelInput:
-        """Encoded bytes -> (3, S, S) tensor exactly as evaluation turns a test image into
-        the model's input."""
-        from ageray.data.transforms import preprocess_for_eval
+        """Encoded bytes -> (3, S, S) tensor by the one path's ``prepare`` (alignment as
+        trained, draft decode, evaluation's preprocessing), with Serve's header check and
+        error codes in its decoder."""
 
-        t0 = time.perf_counter()
-        img = decode_checked(data, name, limits, self.image_size)
-        face = None
-        if self.aligner is not None:
-            img, face = self._align(data, img, name, limits)
-        x = preprocess_for_eval([img], self.data_cfg)[0]
-        return ModelInput(x, face, (time.perf_counter() - t0) * 1000.0)
+        def decode(raw: bytes, what: str, size: int) -> Image.Image:
+            return decode_checked(raw, what, limits, size)
 
-    def _align(
-        self, data: bytes, img: Image.Image, name: str, limits: Limits
-    ) -> tuple[Image.Image, dict[str, Any]]:
-        """The shard writer's path (``FaceAligner.align_bytes``: detect, align, JPEG
-        re-encode), then evaluation's decoder on the crop."""
-        del img  # validated above; the aligner decodes the original bytes itself
-        crop, res = self.aligner.align_bytes(data)
-        if crop is None:  # cannot happen with on_no_face="keep" (forced in _aligner_for)
-            raise ServeError(422, "no_face", f"no face was found in image {name!r}; send a face")
-        out = decode_checked(crop, name, limits, self.image_size)
-        face = {
-            "found": bool(res.found),
-            "box": [round(float(v), 2) for v in res.box] if res.box is not None else None,
-            "score": None if res.score is None else float(res.score),
-            "detector": res.detector,
-        }
-        return out, face
+        prep = self.path.prepare(data, name, decode=decode)  # type: ignore[union-attr]
+        return ModelInput(prep.tensor, prep.face, prep.decode_ms)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Any, rule: str | None = None) -> list[dict[str, Any]]:
-        """(B, 3, S, S) -> one dict per image: age, head, heads{name: age, kl}, probs.
+        """(B, 3, S, S) -> one answer row per image (``ageray.inference.answers``: age,
+        interval, head, each head's age and KL, ...), with its ``distribution``.
 
-        ``model.predict(x, flip=True)`` is GLAE's protocol in one call: x and its flip in one
-        batch through the backbone once, every head on the same features, AR per image.
+        The backend runs GLAE's protocol in one call: x and its flip in one batch through
+        the backbone once, every head on the same features, the routing rule per image.
         """
-        import torch
-
-        x = x.to(self.device, non_blocking=True)
         if rule is not None:
             from ageray.model.routing import check_servable
 
             check_servable(rule, "serving rule")
-        pred = self.model.predict(x, flip=True, rule=rule)  # None: the model's own rule
-        age = pred.age.float().cpu().tolist()
-        head = pred.head.cpu().tolist()
-        probs = pred.probs.float().cpu() if pred.probs is not None else None
-        per_head: dict[str, tuple[list[float], list[float] | None]] = {}
-        for hname, res in pred.heads.items():
-            kl = res.get("kl")
-            per_head[hname] = (
-                res["age"].float().cpu().tolist(),
-                kl.double().cpu().tolist() if isinstance(kl, torch.Tensor) else None,
-            )
-        out = []
-        for i in range(len(age)):
-            out.append(
-                {
-                    "age": float(age[i]),
-                    "head": "balanced" if int(head[i]) == 1 else "vanilla",
-                    "heads": {
-                        n: {"age": float(a[i]), "kl": None if k is None else float(k[i])}
-                        for n, (a, k) in per_head.items()
-                    },
-                    "probs": probs[i] if probs is not None else None,
-                }
-            )
-        return out
+        path = self.path
+        outputs = path.forward(x, rule)  # type: ignore[union-attr]
+        return path.rows(outputs, rule=rule, distribution=True)  # type: ignore[union-attr]
 
 
 def _resolve_device(device: str) -> Any:
@@ -185,28 +156,14 @@ def _resolve_device(device: str) -> Any:
     return dev
 
 
-def _aligner_for(info: dict[str, Any], image_size: int) -> Any | None:
-    """The FaceAligner the shard writer used, when model.json says ``align: true``.
-
-    ``model.json`` records only the flag; aligner settings are read from ``align_options``
-    (top level or under ``meta``) when a training job stored them, else FaceAligner's
-    defaults. ``on_no_face`` is forced to ``keep``: a request always gets an answer.
-    """
-    if not info.get("align"):
-        return None
-    from ageray.data.align import FaceAligner
-
-    opts = dict(info.get("align_options") or (info.get("meta") or {}).get("align_options") or {})
-    opts["on_no_face"] = "keep"
-    return FaceAligner(**opts)
-
-
 def load_served_model(
     uri: str,
     device: str = "auto",
     registry: Mapping[str, Any] | None = None,
     *,
     channels_last: bool = False,
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> ServedModel:
     """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a ``runs:/`` URI or a
     local model folder for serving.
@@ -214,9 +171,11 @@ def load_served_model(
     For an alias the version is resolved first and exactly that version is downloaded, so
     the version reported with every answer is the one whose weights answer (an alias moved
     during the download cannot mix them up). Downloads go to a temporary folder that is
-    removed once the weights are in memory.
+    removed once the weights are in memory. ``backend="onnxruntime"`` exports the loaded
+    model to ONNX (:func:`ageray.export.export_onnx`, parity-checked) and answers with
+    ONNX Runtime on ``threads`` intra-op threads; CPU only.
     """
-    from ageray.config import DataConfig
+    from ageray.inference import InputSpec, make_aligner, make_backend
     from ageray.model import load_model
     from ageray.tracking import model_info, resolve_model_dir
 
@@ -225,6 +184,11 @@ def load_served_model(
     if uri.startswith("models:/") and reg.get("name") and reg.get("version"):
         fetch = f"models:/{reg['name']}/{reg['version']}"
     dev = _resolve_device(device)
+    if backend == "onnxruntime" and dev.type != "cpu":
+        raise ValueError(
+            f"serving backend onnxruntime runs on the CPU, but device={device!r} resolved to "
+            f"{dev}; set device: cpu, or backend: torch for a GPU replica"
+        )
     tmp = None
     try:
         if "://" in fetch or ":/" in fetch:
@@ -237,18 +201,29 @@ def load_served_model(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     model.eval()
-    if channels_last:
+    if channels_last and backend == "torch":
         import torch
 
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True  # AgeModel.forward then converts inputs too
-    data = info.get("data") or {}
-    defaults = DataConfig()
-    size = int(data.get("image_size") or info.get("input_size") or defaults.image_size)
+    spec = InputSpec.from_info(info)
     # save_model(cfg=None) writes "normalize": null; the model was then built and evaluated
-    # with the DataConfig default, which is what eval_config would fall back to as well.
-    normalize = data.get("normalize") or defaults.normalize
-    data_cfg = dataclasses.replace(defaults, image_size=size, normalize=normalize)
+    # with the DataConfig default, which is what InputSpec falls back to as well.
+    data_cfg = spec.data_config()
+    onnx_path = None
+    if backend == "onnxruntime":
+        from ageray.export import export_onnx
+
+        onnx_dir = tempfile.mkdtemp(prefix="ageray-serve-onnx-")
+        onnx_path = export_onnx(model, onnx_dir, info=info)["path"]
+    aligner = make_aligner(spec)
+    path = ImagePredictor(
+        backend=make_backend(model, backend, device=str(dev), onnx_path=onnx_path, threads=threads),
+        spec=spec,
+        info=dict(info),
+        aligner=aligner,
+        model=model,
+    )
     reg.setdefault("uri", uri)
     if "name" not in reg:
         reg["name"] = (info.get("meta") or {}).get("name") or Path(str(folder)).name
@@ -260,8 +235,10 @@ def load_served_model(
         registry=reg,
         data_cfg=data_cfg,
         device=dev,
-        aligner=_aligner_for(info, size),
-        key=f"{reg.get('name')}/{reg.get('version')}|{uri}",
+        aligner=aligner,
+        key=f"{reg.get('name')}/{reg.get('version')}|{uri}|{backend}",
+        path=path,
+        backend=backend,
     )
 
 
@@ -299,23 +276,41 @@ def build_prediction(
     timing_ms: Mapping[str, float] | None = None,
     batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """One image's answer as JSON-ready dict.
+    """One image's answer row (``ServedModel.forward``) as a JSON-ready dict.
 
-    ``{"age", "head", "heads": {name: {"age", "kl"}}, "model": {...}, "timing_ms": {...}}``
-    plus ``distribution`` (101 probabilities over ages 0..100) on request, ``face`` when
-    detection ran, and ``batch_size`` (how many images shared the forward pass).
+    ``{"age", "head", "heads": {name: {"age", "kl"}}, "interval": {"level", "low", "high"},
+    "rule", "model": {...}, "timing_ms": {...}}`` plus ``distribution`` (101 probabilities
+    over ages 0..100) on request, ``gender`` / ``race`` (``{"index", "probs"}``) for
+    multi-task models, ``face`` when detection ran, and ``batch_size`` (how many images
+    shared the forward pass).
     """
+
+    def num(v: Any) -> float | None:
+        return None if v is None else float(v)
+
     out: dict[str, Any] = {
         "age": float(result["age"]),
         "head": result["head"],
         "heads": {
-            name: {"age": float(h["age"]), "kl": None if h["kl"] is None else float(h["kl"])}
-            for name, h in result["heads"].items()
+            name: {"age": num(result.get(f"age_{name}")), "kl": num(result.get(f"kl_{name}"))}
+            for name in HEADS
+            if result.get(f"age_{name}") is not None
         },
+        "interval": None
+        if result.get("age_low") is None
+        else {
+            "level": INTERVAL_LEVEL,
+            "low": float(result["age_low"]),
+            "high": float(result["age_high"]),
+        },
+        "rule": result.get("rule"),
         "model": served.model_ref(),
     }
+    for group in ("gender", "race"):
+        if result.get(group) is not None:
+            out[group] = {"index": int(result[group]), "probs": list(result[f"{group}_probs"])}
     if distribution:
-        probs = result.get("probs")
+        probs = result.get("distribution")
         out["distribution"] = None if probs is None else [float(p) for p in probs.tolist()]
     if face is not None:
         out["face"] = dict(face)

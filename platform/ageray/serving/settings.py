@@ -112,6 +112,9 @@ class ServeSettings:
     decode_in_thread_bytes: int = 256 * 1024
     batch_wait_mode: Literal["adaptive", "fixed"] = "adaptive"
     channels_last: bool = True
+    # torch: eager PyTorch; onnxruntime: the model exported to ONNX at load (CPU only).
+    # benchmarks/serve_backends.py compares them; torch stays the default until measured.
+    backend: Literal["torch", "onnxruntime"] = "torch"
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

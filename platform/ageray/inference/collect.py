@@ -1,4 +1,4 @@
-"""Inference: a model and a stream of batches -> the predictions of every head and routing
+"""Predictions over a stream of decoded batches -> the predictions of every head and routing
 rule, and the metrics of those predictions.
 
 Why one module: training's validation and the evaluation of a saved model must predict the
@@ -11,7 +11,6 @@ them with :func:`merge_predictions`).
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,20 +22,11 @@ from torch import nn
 from ageray import metrics as M
 
 __all__ = [
-    "autocast",
     "collect_predictions",
     "merge_predictions",
     "predict_split",
     "prediction_metrics",
 ]
-
-
-def autocast(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (``amp`` ``auto`` or ``bf16``, as ``train.amp``); full precision
-    on CPU or with ``amp="off"``."""
-    if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -51,6 +41,11 @@ def collect_predictions(
     """Predict every batch of ``loader`` (batches with ``image``, ``age``, ``age_std``,
     ``key``) with ``model`` (unwrapped, not DDP) in eval mode; its mode is restored after.
 
+    The forward is the one every serving path runs (:class:`~.backends.TorchBackend`, i.e.
+    :class:`~.predictor.RoutedPredictor`: image + flip, both heads, the model's rule), so
+    the validation MAE that picks a checkpoint and the evaluation's numbers are the answers
+    Serve, the pyfunc model and ``jobs.predict`` give for the same decoded images.
+
     Returns numpy arrays: ``age``, ``age_std`` and per head ``<head>_age``, ``<head>_kl``;
     ``routed_age`` and ``routed_choice``: the answer of the model's own routing rule (what
     it serves: ``model.routing_rule``, GLAE's smaller KL unless a fitted rule was made the
@@ -64,8 +59,10 @@ def collect_predictions(
     """
     from ageray.model.routing import mix_ages
 
+    from .backends import TorchBackend
+
     was_training = model.training
-    model.eval()
+    backend = TorchBackend(model, flip=flip, device=device, amp=amp)
     rules = _scored_rules(model)
     parts: dict[str, list[np.ndarray]] = {}
     keys: list[str] = []
@@ -74,37 +71,37 @@ def collect_predictions(
         arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
         parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
 
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            pred = model.predict(x, flip=flip)
-        add("age", batch["age"])
-        add("age_std", batch["age_std"])
-        keys.extend(batch["key"])
-        for head, res in pred.heads.items():
-            add(f"{head}_age", res["age"])
-            if res.get("kl") is not None:
-                add(f"{head}_kl", res["kl"])
-        add("routed_age", pred.age)
-        add("routed_choice", pred.head)
-        if pred.features is not None:
-            add("route_features", pred.features)
-            labels = torch.as_tensor(batch["age"], dtype=torch.float32).to(pred.features.device)
-            v, b = pred.heads["vanilla"]["age"], pred.heads["balanced"]["age"]
-            with torch.inference_mode():
-                for name, rule in rules.items():
-                    weight = rule(pred.features, labels)
-                    add(f"rule_{name}_age", mix_ages(v, b, weight))  # type: ignore[arg-type]
-                    add(f"rule_{name}_weight", weight)
-            add("bigger_age", parts["rule_bigger_age"][-1])
-            add("bigger_choice", (parts["rule_bigger_weight"][-1] >= 0.5).astype(np.float64))
-    if was_training:
-        model.train()
-    out: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
-    out["_routing_rule"] = getattr(model, "routing_rule", None)
-    out["_keys"] = np.array(keys, dtype=object)
-    out["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
-    return out
+    try:
+        for batch in loader:
+            out = backend.tensors(batch["image"])
+            add("age", batch["age"])
+            add("age_std", batch["age_std"])
+            keys.extend(batch["key"])
+            for head in model.heads:  # type: ignore[union-attr]
+                add(f"{head}_age", out[f"age_{head}"])
+                if f"kl_{head}" in out:
+                    add(f"{head}_kl", out[f"kl_{head}"])
+            add("routed_age", out["age"])
+            add("routed_choice", out["head"])
+            features = out.get("features")
+            if features is not None:
+                add("route_features", features)
+                labels = torch.as_tensor(batch["age"], dtype=torch.float32).to(features.device)
+                v, b = out["age_vanilla"], out["age_balanced"]
+                with torch.inference_mode():
+                    for name, rule in rules.items():
+                        weight = rule(features, labels)
+                        add(f"rule_{name}_age", mix_ages(v, b, weight))
+                        add(f"rule_{name}_weight", weight)
+                add("bigger_age", parts["rule_bigger_age"][-1])
+                add("bigger_choice", (parts["rule_bigger_weight"][-1] >= 0.5).astype(np.float64))
+    finally:
+        model.train(was_training)
+    out_arrays: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
+    out_arrays["_routing_rule"] = getattr(model, "routing_rule", None)
+    out_arrays["_keys"] = np.array(keys, dtype=object)
+    out_arrays["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
+    return out_arrays
 
 
 def predict_split(

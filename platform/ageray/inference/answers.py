@@ -1,0 +1,203 @@
+"""Named model outputs -> answer rows: the one shape every path answers in.
+
+Why one function: Serve's JSON, the pyfunc model's DataFrame and the Parquet file of batch
+prediction are three renderings of the same row, computed here from the outputs of
+:class:`~ageray.inference.predictor.RoutedPredictor` (or the exported graph, which has the
+same output names). A row is flat, so it is also a Parquet record:
+
+====================  ==================================================================
+field                 meaning
+====================  ==================================================================
+``key``               the image's name (file path, tar member key, request field)
+``source``            where it came from (a file, tar or shard URL); None for requests
+``age``               the routed answer, years
+``age_low/high``      a 90% interval: the 5th and 95th percentiles of the routed age
+                      distribution (each age's mass spread over [k - 0.5, k + 0.5])
+``head``              ``vanilla`` or ``balanced``: the head that answered (weight >= 0.5)
+``weight_balanced``   the balanced head's weight (0 or 1 for hard rules, in between for a
+                      soft learned router)
+``rule``              the routing rule that answered (``smaller`` = GLAE eq. 11, ...)
+``age_<head>``        each head's flip-averaged answer (None when the model lacks the head)
+``kl_<head>``         each head's KL(p || p_flip), the flip consistency AR compares
+``gender``/``race``   index of the most likely class (multi-task models; else None) and
+``*_probs``           the class probabilities
+``face_found/box``    alignment only: whether a face was detected and its box
+``distribution``      the routed distribution over ages 0..K-1 (on request)
+``error``             why the image could not be used (then every answer field is None)
+====================  ==================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "HEADS",
+    "INTERVAL_LEVEL",
+    "ROW_FIELDS",
+    "answer_rows",
+    "arrow_schema",
+    "error_row",
+    "quantile_ages",
+    "rows_to_table",
+]
+
+HEADS = ("vanilla", "balanced")
+INTERVAL_LEVEL = 0.9
+ROW_FIELDS = (
+    "key",
+    "source",
+    "age",
+    "age_low",
+    "age_high",
+    "head",
+    "weight_balanced",
+    "rule",
+    "age_vanilla",
+    "kl_vanilla",
+    "age_balanced",
+    "kl_balanced",
+    "gender",
+    "gender_probs",
+    "race",
+    "race_probs",
+    "face_found",
+    "face_box",
+    "error",
+)
+
+
+def quantile_ages(probs: np.ndarray, q: float) -> np.ndarray:
+    """Per row of ``probs`` (B, K) over ages 0..K-1, the age below which a share ``q`` of the
+    mass lies, each age k's mass spread uniformly over [k - 0.5, k + 0.5] (so a sharp
+    distribution gives a narrow, not a zero-width, interval). Clipped to [0, K - 1]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise ValueError(f"quantile_ages expects (B, K) probabilities, got {p.shape}")
+    p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
+    cdf = np.cumsum(p, axis=1)
+    k = np.minimum((cdf < q).sum(1), p.shape[1] - 1)
+    rows = np.arange(p.shape[0])
+    before = np.where(k > 0, cdf[rows, np.maximum(k - 1, 0)], 0.0)
+    mass = p[rows, k]
+    frac = np.where(mass > 0, (q - before) / np.where(mass > 0, mass, 1.0), 0.5)
+    return np.clip(k - 0.5 + np.clip(frac, 0.0, 1.0), 0.0, p.shape[1] - 1.0)
+
+
+def _floats(a: np.ndarray | None, n: int) -> list[float | None]:
+    if a is None:
+        return [None] * n
+    return [float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
+
+
+def _groups(probs: np.ndarray | None, n: int) -> tuple[list[Any], list[Any]]:
+    """Hook for multi-task answers: (class index, probabilities) per row, or Nones."""
+    if probs is None:
+        return [None] * n, [None] * n
+    p = np.asarray(probs, dtype=np.float64)
+    return [int(i) for i in p.argmax(1)], [row.tolist() for row in p]
+
+
+def answer_rows(
+    outputs: Mapping[str, np.ndarray],
+    *,
+    rule: str | None,
+    keys: Sequence[str] | None = None,
+    sources: Sequence[str | None] | None = None,
+    faces: Sequence[Mapping[str, Any] | None] | None = None,
+    distribution: bool = False,
+    level: float = INTERVAL_LEVEL,
+) -> list[dict[str, Any]]:
+    """One row per image (module docstring) from a backend's named outputs (numpy).
+
+    ``distribution`` adds the routed distribution (a float32 array per row). Numbers become
+    Python floats of the float32 outputs, exactly: the same image gives bit-identical rows
+    through every path that ran the same forward.
+    """
+    age = np.asarray(outputs["age"])
+    n = int(age.shape[0])
+    probs = outputs.get("probs")
+    low = high = None
+    if probs is not None:
+        tail = (1.0 - level) / 2.0
+        low, high = quantile_ages(probs, tail), quantile_ages(probs, 1.0 - tail)
+    head = np.asarray(outputs["head"]).reshape(-1)
+    cols: dict[str, list[Any]] = {
+        "age": _floats(age, n),
+        "age_low": _floats(low, n),
+        "age_high": _floats(high, n),
+        "head": [HEADS[int(h)] for h in head],
+        "weight_balanced": _floats(outputs.get("weight"), n),
+        "rule": [rule if "kl_balanced" in outputs else None] * n,
+    }
+    for h in HEADS:
+        cols[f"age_{h}"] = _floats(outputs.get(f"age_{h}"), n)
+        cols[f"kl_{h}"] = _floats(outputs.get(f"kl_{h}"), n)
+    cols["gender"], cols["gender_probs"] = _groups(outputs.get("gender"), n)
+    cols["race"], cols["race_probs"] = _groups(outputs.get("race"), n)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        face = faces[i] if faces is not None else None
+        row = {
+            "key": keys[i] if keys is not None else None,
+            "source": sources[i] if sources is not None else None,
+            **{k: v[i] for k, v in cols.items()},
+            "face_found": None if face is None else bool(face.get("found")),
+            "face_box": None if face is None else face.get("box"),
+            "error": None,
+        }
+        if distribution and probs is not None:
+            row["distribution"] = np.asarray(probs[i], dtype=np.float32)
+        rows.append(row)
+    return rows
+
+
+def error_row(key: str, error: str, *, source: str | None = None) -> dict[str, Any]:
+    """The row of an image that could not be used: every answer field None, ``error`` says
+    why (a row, never a crash)."""
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
+    row.update(key=key, source=source, error=error)
+    return row
+
+
+def arrow_schema(distribution: bool = False) -> Any:
+    """The Parquet schema of answer rows (every field nullable: error rows have no answer)."""
+    import pyarrow as pa
+
+    f64, probs = pa.float64(), pa.list_(pa.float64())
+    types = {
+        "key": pa.string(),
+        "source": pa.string(),
+        "head": pa.string(),
+        "rule": pa.string(),
+        "gender": pa.int64(),
+        "race": pa.int64(),
+        "gender_probs": probs,
+        "race_probs": probs,
+        "face_found": pa.bool_(),
+        "face_box": probs,
+        "error": pa.string(),
+    }
+    fields = [pa.field(name, types.get(name, f64)) for name in ROW_FIELDS]
+    if distribution:
+        fields.insert(len(fields) - 1, pa.field("distribution", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], *, distribution: bool = False) -> Any:
+    """Answer rows -> a ``pyarrow.Table`` with :func:`arrow_schema` (fixed columns, so every
+    batch of a Ray Data job and every file agree)."""
+    import pyarrow as pa
+
+    schema = arrow_schema(distribution)
+    data: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for row in rows:
+        for name in schema.names:
+            v = row.get(name)
+            if name == "distribution" and v is not None:
+                v = np.asarray(v, dtype=np.float32)
+            data[name].append(v)
+    return pa.Table.from_pydict(data, schema=schema)
