@@ -109,6 +109,8 @@ class ServeSettings:
     rule: str | None = None
     warmup_batch_sizes: tuple[int, ...] = (1,)
     auth_token_env: str = "AGERAY_API_TOKEN"
+    require_auth: bool = False
+    model_poll_s: float = 30.0
     decode_in_thread_bytes: int = 256 * 1024
     batch_wait_mode: Literal["adaptive", "fixed"] = "adaptive"
     channels_last: bool = True
@@ -146,6 +148,11 @@ class ServeSettings:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or null")
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes={list(self.warmup_batch_sizes)} must be >= 1")
+        if self.model_poll_s < 0:
+            raise ValueError(
+                f"model_poll_s={self.model_poll_s} must be >= 0 seconds (0: do not follow the "
+                "alias between deploys)"
+            )
         if self.rule is not None and self.rule not in SERVABLE_ROUTING_RULES:
             why = " (it reads the true age: an evaluation bound)" if self.rule == "oracle" else ""
             raise ValueError(
@@ -153,6 +160,29 @@ class ServeSettings:
                 f"{list(SERVABLE_ROUTING_RULES)} or null for the model's own rule"
             )
         return self
+
+    def auth_token(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The bearer token from ``auth_token_env`` (None when unset or empty: auth off)."""
+        env = os.environ if environ is None else environ
+        return env.get(self.auth_token_env) or None
+
+    def check_auth_configured(self, environ: Mapping[str, str] | None = None) -> None:
+        """Fail closed: with ``require_auth`` a replica without a token must not start.
+
+        Raised from the replica's constructor (and ``reconfigure``), so ``serve run`` /
+        ``serve deploy`` fail with this message instead of serving ``/v1/*`` to anyone.
+        """
+        if self.require_auth and not self.auth_token(environ):
+            raise ValueError(
+                f"require_auth is true but the token variable {self.auth_token_env} is unset "
+                f"or empty in the replica's environment: set {self.auth_token_env} (a secret, "
+                "or runtime_env env_vars) or set require_auth: false to serve without auth"
+            )
+
+    def follows_alias(self) -> bool:
+        """Whether this replica polls the registry for its alias (``models:/n@alias``)."""
+        uri = self.model_uri or ""
+        return self.model_poll_s > 0 and uri.startswith("models:/") and "@" in uri
 
     def public(self) -> dict[str, Any]:
         """What ``/v1/model`` shows (no secrets: the token's variable name, not its value)."""

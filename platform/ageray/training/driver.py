@@ -52,26 +52,45 @@ class StageResult:
         }
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, *, verbose: bool | None = None) -> None:
     """Join the cluster named by ``ray.address`` / ``RAY_ADDRESS`` (``ray job submit`` sets
     it), else start a local Ray with ``ray.num_cpus`` and a small object store so it fits a
-    2-core, few-GiB machine."""
+    2-core, few-GiB machine.
+
+    Quiet unless ``verbose`` (default: ``AGERAY_VERBOSE``, set by the jobs' ``--verbose``):
+    Ray's driver-side INFO/WARNING lines are off and forwarded worker output is reduced to
+    ageray's own lines (:mod:`ageray.training.console`); the rest stays in Ray's logs.
+    """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    loud = verbose if verbose is not None else verbose_from_env()
+    quiet: dict[str, Any] = {} if loud else {"logging_level": logging.ERROR}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(
-        address="local",
-        num_cpus=cfg.ray.num_cpus or os.cpu_count() or 2,
-        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+        ray.init(address=address, log_to_driver=True, **quiet)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus or os.cpu_count() or 2,
+            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=True,
+            **quiet,
+        )
+    if not loud:
+        from ageray.training.console import install_console_filter
+
+        install_console_filter()
+
+
+def verbose_from_env() -> bool:
+    """``AGERAY_VERBOSE`` (``1``/``true``): show Ray's own output on the console."""
+    return os.environ.get("AGERAY_VERBOSE", "").lower() not in ("", "0", "false", "no")
 
 
 def _abs(path: str | None) -> str | None:
