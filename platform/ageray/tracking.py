@@ -54,6 +54,7 @@ __all__ = [
     "move_alias",
     "package_versions",
     "parse_model_uri",
+    "registry_files",
     "resolve_model_dir",
     "resolve_tracking_uri",
 ]
@@ -489,9 +490,15 @@ def log_model(
 ) -> dict[str, Any]:
     """Log a saved model folder as a pyfunc (models-from-code) and register it.
 
+    Only the model's own files are logged (:func:`registry_files`: ``model.safetensors``,
+    ``model.json`` and an ONNX export made for these weights), never a checkpoint's
+    ``optim.pt`` / ``state.json``: the registry holds no pickle-format file.
+
     Returns ``{"model_uri", "name", "version", "alias"}`` (version/alias None when
     registration is off).
     """
+    import shutil
+
     import mlflow
 
     cfg = tracker.cfg
@@ -500,14 +507,20 @@ def log_model(
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{model_dir} holds no model.safetensors; save_model() first")
-    with mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"model": str(model_dir)},
-            pip_requirements=[f"{k}=={v}" for k, v in package_versions().items() if v != "absent"],
-            metadata={"ageray_format": "ageray-model/1"},
-        )
+    staging = Path(tempfile.mkdtemp(prefix="ageray-register-"))
+    try:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"model": str(registry_files(model_dir, staging / "model"))},
+                pip_requirements=[
+                    f"{k}=={v}" for k, v in package_versions().items() if v != "absent"
+                ],
+                metadata={"ageray_format": "ageray-model/1"},
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     out: dict[str, Any] = {
         "model_uri": info.model_uri,
         "name": None,
@@ -524,6 +537,28 @@ def log_model(
         client.set_model_version_tag(name, mv.version, TAG_PIPELINE, cfg.run.name)
         client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
         out.update(name=name, version=str(mv.version), alias=cfg.tracking.alias)
+    return out
+
+
+#: What a registered model folder may hold: the weights, their description, and exports
+#: in formats without pickle (ONNX is protobuf). Checkpoint files (optim.pt: pickle-format;
+#: state.json: training progress) stay in the run's checkpoints.
+REGISTRY_FILES = ("model.safetensors", "model.json")
+REGISTRY_EXPORTS = ("export/onnx/model.onnx", "export/onnx/export.json")
+
+
+def registry_files(model_dir: str | Path, dst: str | Path) -> Path:
+    """Copy the files a registered model holds (:data:`REGISTRY_FILES`, and
+    :data:`REGISTRY_EXPORTS` when present) from a model or checkpoint folder into ``dst``
+    (created); returns ``dst``. Why a copy: a checkpoint folder also holds ``optim.pt``
+    (pickle-format optimiser state) and ``state.json``, which must not reach the registry."""
+    import shutil
+
+    src, out = Path(model_dir), Path(dst)
+    for rel in REGISTRY_FILES + REGISTRY_EXPORTS:
+        if (src / rel).is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, out / rel)
     return out
 
 

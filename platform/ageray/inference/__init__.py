@@ -14,9 +14,12 @@ skipped alignment and the JPEG draft decode). The steps, one module each:
                  interval, distribution on request, gender/race, error), the Parquet schema
 * ``path``       :class:`ImagePredictor`: all of it, bytes in, rows out
 * ``sources``    what ``jobs.predict`` reads: image folders, tar archives, shards, s3://
-* ``batch``      the Ray Data batch function of ``jobs.predict`` (no Ray import here)
 * ``collect``    decoded shard batches -> every head's and rule's predictions (evaluation,
                  validation) and their metrics
+
+``ageray.prediction`` (above this package: it resolves MLflow URIs) holds batch prediction's
+Ray Data batch function and Parquet writer; ``ageray.export`` writes the ONNX / TorchScript
+graph of :class:`RoutedPredictor`.
 """
 
 from .answers import (

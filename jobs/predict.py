@@ -1,0 +1,167 @@
+"""Batch prediction with Ray Data: a folder, tar archive, shards or s3:// prefix of face images
+-> one Parquet file of answers.
+
+    python -m jobs.predict --model models:/ageray@candidate --input photos/ --output ages.parquet
+    python -m jobs.predict --model runs/demo/stage2/model --input faces.tar --output out.parquet
+    python -m jobs.predict --model models:/ageray@prod --input s3://bucket/shards/utk \\
+        --split test --output s3://bucket/predictions/utk-test.parquet --actors 4
+    ray job submit --working-dir . -- python -m jobs.predict --model ... --input s3://... ...
+
+Every image goes through the one inference path (``ageray.inference.ImagePredictor``):
+alignment as the model was trained (``--align auto``), the JPEG draft decode, evaluation's
+preprocessing, image + flip through both heads, the model's routing rule. Ray Data reads the
+inputs in parallel tasks (files, tar members, shard samples, through ``ageray.data.storage``)
+and runs the model in an actor pool (``--actors``, ``--batch-size``; ``--device cuda`` puts one
+GPU under each actor). The driver writes one Parquet file (local or s3://), visible only when
+complete. Columns (``ageray.inference.answers``): key, source, age, age_low, age_high (90%
+interval), head, weight_balanced, rule, age_vanilla, kl_vanilla, age_balanced, kl_balanced,
+gender, gender_probs, race, race_probs, face_found, face_box, [distribution], error. A file
+that is not a usable image is a row with ``error`` set, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from jobs._common import Timer, base_parser, load, setup_logging
+
+
+def parse(argv: list[str] | None = None):
+    p = base_parser("python -m jobs.predict", __doc__)
+    p.add_argument("--model", required=True, help="model folder or MLflow URI (models:/...)")
+    p.add_argument(
+        "--input", required=True, help="image folder, .tar, shards folder, or s3:// prefix/file"
+    )
+    p.add_argument("--output", required=True, help="PATH.parquet or s3://bucket/key.parquet")
+    p.add_argument("--split", action="append", help="shards only: split(s) to predict")
+    p.add_argument("--actors", type=int, default=0, help="model actors (default: CPUs / cpus)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (= torch threads)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda: 1 GPU per actor)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument(
+        "--align", default="auto", choices=["auto", "on", "off"], help="auto: as trained"
+    )
+    p.add_argument("--rule", help="routing rule (default: the model's own)")
+    p.add_argument("--distribution", action="store_true", help="add the age distribution")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _model_files(model: str, backend: str) -> dict[str, bytes]:
+    """The model's files, read once on the driver and shipped to every actor (actors on
+    other nodes need neither the registry nor this node's disk). With the onnxruntime
+    backend the export goes with them (the logged one when it matches, else made here)."""
+    import shutil
+    import tempfile
+
+    from ageray.export import EXPORT_INFO, FILES, export_model, find_export
+    from ageray.tracking import REGISTRY_FILES, resolve_model_dir
+
+    tmp = tempfile.mkdtemp(prefix="ageray-predict-")
+    try:
+        folder = resolve_model_dir(model, dst=tmp if ":/" in model else None)
+        files = {name: (folder / name).read_bytes() for name in REGISTRY_FILES}
+        if backend == "onnxruntime":
+            onnx = find_export(folder, "onnx")
+            if onnx is None:
+                onnx = Path(export_model(folder, Path(tmp) / "onnx", fmt="onnx")["path"])
+            files[f"export/onnx/{FILES['onnx']}"] = onnx.read_bytes()
+            files[f"export/onnx/{EXPORT_INFO}"] = (onnx.parent / EXPORT_INFO).read_bytes()
+        return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    setup_logging()
+    cfg = load(args)
+    timer = Timer()
+
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    from ageray.inference.sources import list_items, read_item
+    from ageray.prediction import BatchPredictor, ParquetSink, describe_items
+    from ageray.tracking import Tracker
+    from ageray.training.driver import init_ray
+
+    if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        Tracker(cfg)  # points MLflow at the configured server for models:/ URIs
+    try:
+        items = list_items(args.input, splits=args.split)
+        files = _model_files(args.model, args.backend)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_ray(cfg)
+    verbose = os.environ.get("AGERAY_VERBOSE", "") not in ("", "0", "false")
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.target_max_block_size = 8 * 1024 * 1024  # a few hundred images: actors start early
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+    gpu = args.device.startswith("cuda") or (
+        args.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    cpus = max(args.cpus_per_actor, 0.01)
+    actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    if gpu and not args.actors:
+        actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
+    total = sum(len(i["urls"]) for i in items) if all(i["kind"] == "files" for i in items) else 0
+    print(
+        f"[ageray] predicting {describe_items(items)} from {args.input} with {args.model} "
+        f"({args.backend}, {actors} actor(s) x {cpus:g} CPU{', 1 GPU' if gpu else ''}, "
+        f"batch {args.batch_size})",
+        flush=True,
+    )
+    align = {"auto": "auto", "on": True, "off": False}[args.align]
+    ds = (
+        ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        # reading is I/O: it must not wait for a CPU the model actors hold
+        .flat_map(read_item, num_cpus=0, compute=TaskPoolStrategy(size=max(2, actors)))
+        .map_batches(
+            BatchPredictor,
+            fn_constructor_kwargs={
+                "model": ray.put(files),  # once in the object store, not in every task spec
+                "device": "cuda" if gpu else "cpu",
+                "backend": args.backend,
+                "align": align,
+                "distribution": args.distribution,
+                "threads": max(1, round(cpus)),
+                "rule": args.rule,
+            },
+            batch_size=args.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=1 if gpu else 0,
+        )
+    )
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total or None, unit="img", desc="[ageray] predict", file=sys.stdout)
+    with ParquetSink(args.output, distribution=args.distribution) as sink:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            sink.write(table)
+            if bar is not None:
+                bar.update(table.num_rows)
+    if bar is not None:
+        bar.close()
+    summary = sink.summary
+    print(f"[ageray] {summary.line()}")
+    for example in summary.examples:
+        print(f"  e.g. {example}")
+    print(f"[ageray] wrote {args.output} in {timer}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

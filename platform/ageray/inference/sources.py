@@ -1,0 +1,158 @@
+"""What batch prediction reads: image files, tar archives of images, ageray shards -- in a
+local folder or under ``s3://`` -- as a list of small work items and, per item, the images.
+
+Why two steps: the driver lists cheaply (names only; a tar or a shard is one item, files are
+grouped :data:`FILES_PER_ITEM` to an item) and Ray Data spreads the items over read tasks,
+which stream the bytes through the project's storage layer
+(:mod:`ageray.data.storage`: local paths and ``s3://`` with resumable reads) and tar reader
+(:mod:`ageray.data.tario`). Nothing here imports Ray; the functions are tested alone.
+
+An image's ``key`` is its path relative to the input (a file), ``<tar name>/<member>`` (a tar
+archive), or the sample key (a shard: members ``<key>.jpg`` + ``<key>.json`` as written by
+``jobs.make_shards``). A file or tar that cannot be read becomes one row with ``error`` set;
+corrupt image bytes are found later, by the decoder, and become error rows there.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from ageray.data import storage
+
+__all__ = [
+    "FILES_PER_ITEM",
+    "IMAGE_EXTENSIONS",
+    "TAR_EXTENSIONS",
+    "list_items",
+    "read_item",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+FILES_PER_ITEM = 256
+MANIFEST = "manifest.json"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(TAR_EXTENSIONS)
+
+
+def _relative(url: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return url[len(prefix) :] if url.startswith(prefix) else storage.basename(url)
+
+
+def list_items(
+    source: str, *, splits: list[str] | None = None, files_per_item: int = FILES_PER_ITEM
+) -> list[dict[str, Any]]:
+    """Work items for ``source``: a folder or ``s3://`` prefix (image files and/or tar
+    archives, or shards with a ``manifest.json``), one tar file, or one image file.
+
+    Items are ``{"kind": "files", "urls": [...], "root": ...}``, ``{"kind": "tar", "url"}``
+    or ``{"kind": "shard", "url"}``. ``splits`` limits shards to those splits (default:
+    every split in the manifest). Raises FileNotFoundError naming ``source`` when there is
+    nothing to predict.
+    """
+    src = str(source).rstrip("/") if str(source) not in ("/", "s3://") else str(source)
+    if _is_tar(src) and storage.exists(src):
+        return [{"kind": "tar", "url": src}]
+    if _is_image(src) and storage.exists(src):
+        return [{"kind": "files", "urls": [src], "root": _parent(src)}]
+    manifest_url = storage.join(src, MANIFEST)
+    if storage.exists(manifest_url):
+        return _shard_items(src, storage.read_json(manifest_url), splits)
+    urls = storage.list_files(src)
+    images = [u for u in urls if _is_image(u)]
+    tars = [u for u in urls if _is_tar(u)]
+    if not images and not tars:
+        raise FileNotFoundError(
+            f"--input {source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}), tar archives "
+            f"or shards (a folder with {MANIFEST}) found there; check the path"
+        )
+    step = max(1, int(files_per_item))
+    items: list[dict[str, Any]] = [
+        {"kind": "files", "urls": images[i : i + step], "root": src}
+        for i in range(0, len(images), step)
+    ]
+    items += [{"kind": "tar", "url": u} for u in tars]
+    return items
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _shard_items(
+    root: str, manifest: dict[str, Any], splits: list[str] | None
+) -> list[dict[str, Any]]:
+    available = manifest.get("splits") or {}
+    names = list(splits) if splits else list(available)
+    unknown = [s for s in names if s not in available]
+    if unknown:
+        raise ValueError(
+            f"--split {unknown}: the shards at {root} have splits {sorted(available)} only"
+        )
+    return [
+        {"kind": "shard", "url": storage.join(root, shard["name"])}
+        for split in names
+        for shard in available[split].get("shards", [])
+    ]
+
+
+def _row(key: str, source: str, image: bytes | None, error: str | None = None) -> dict[str, Any]:
+    return {"key": key, "source": source, "image": image, "error": error}
+
+
+def read_item(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The images of one work item: ``{"key", "source", "image" (bytes or None),
+    "error" (None or why the bytes could not be read)}``."""
+    kind = item["kind"]
+    if kind == "files":
+        for url in item["urls"]:
+            key = _relative(url, item["root"])
+            try:
+                yield _row(key, url, storage.read_bytes(url))
+            except OSError as exc:
+                yield _row(key, url, None, f"unreadable: {exc}")
+        return
+    if kind not in ("tar", "shard"):
+        raise ValueError(f"unknown work item kind {kind!r}")
+    yield from _read_tar(item["url"], shard=kind == "shard")
+
+
+def _read_tar(url: str, *, shard: bool) -> Iterator[dict[str, Any]]:
+    """Stream a tar: every image member (``shard``: one image per sample key, labels
+    ignored). A tar that ends early or is corrupt yields what was read, then one error row."""
+    from ageray.data.tario import tar_members
+
+    name = storage.basename(url)
+    for ext in TAR_EXTENSIONS:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    try:
+        with storage.open_read(url) as stream:
+            for member, data in tar_members(stream):
+                base = member.rsplit("/", 1)[-1]
+                if base.startswith(("__", ".")) or not _is_image(member):
+                    continue
+                if shard:
+                    key = member.split(".", 1)[0] if "/" not in member else _shard_key(member)
+                else:
+                    key = f"{name}/{member}"
+                yield _row(key, url, data)
+    except (OSError, EOFError, tarfile.TarError, ValueError, zlib.error) as exc:
+        yield _row(f"{name}/", url, None, f"bad_tar: {url}: {exc}")
+
+
+def _shard_key(member: str) -> str:
+    """webdataset's key: the member name up to the first dot of its last component."""
+    folder, base = member.rsplit("/", 1)
+    return f"{folder}/{base.split('.', 1)[0]}"

@@ -1,0 +1,240 @@
+"""Batch prediction's parts that have rules in them, without Ray: the batch function that Ray
+Data's actor pool runs, the Parquet writer, and the summary.
+
+``jobs.predict`` wires them: work items (:func:`ageray.inference.sources.list_items`) ->
+``flat_map(read_item)`` (read tasks: bytes through the storage layer) ->
+``map_batches(BatchPredictor, concurrency=actors)`` (each actor loads the model once and runs
+the one inference path, :class:`ageray.inference.ImagePredictor`, on every batch) -> the
+driver streams the answer tables into one Parquet file (local, or ``s3://`` through
+:func:`ageray.data.storage.atomic_write`).
+
+Why the actor runs decode and forward together: on CPUs decoding a face crop costs a few
+percent of its forward, so shipping decoded tensors between processes would cost more than it
+saves; one actor per core with one torch thread each keeps every core on the model
+(``benchmarks/predict_throughput.py`` compares with the bare batched forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BatchPredictor",
+    "ParquetSink",
+    "PredictSummary",
+    "cpu_count",
+    "describe_items",
+    "load_predictor",
+    "read_parquet",
+]
+
+
+def load_predictor(
+    model: str | Mapping[str, bytes],
+    *,
+    device: str = "cpu",
+    backend: str = "torch",
+    align: bool | str = "auto",
+    threads: int | None = None,
+) -> Any:
+    """An :class:`ImagePredictor` for a model folder, an MLflow URI (downloaded to a
+    temporary folder that is removed once loaded) or the model's files as bytes (``{relative
+    path: bytes}``, how ``jobs.predict`` ships a model to actors on any node).
+    ``backend="onnxruntime"`` uses the export that came with the model when it matches
+    these weights, else exports now."""
+    import shutil
+
+    from ageray.inference import ImagePredictor
+    from ageray.tracking import resolve_model_dir
+
+    files = model if isinstance(model, Mapping) else None
+    remote = files is None and ":/" in str(model)
+    tmp = tempfile.mkdtemp(prefix="ageray-predict-") if files is not None or remote else None
+    try:
+        if files is not None:
+            folder = Path(tmp)  # type: ignore[arg-type]
+            for rel, data in files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(data)
+        else:
+            folder = resolve_model_dir(str(model), dst=tmp)
+        onnx_path = _onnx_for(folder) if backend == "onnxruntime" else None
+        return ImagePredictor.load(
+            folder,
+            device=device,
+            backend=backend,
+            onnx_path=onnx_path,
+            align=align,
+            threads=threads,
+        )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _onnx_for(folder: Path) -> str:
+    """The logged ONNX export of these weights, copied out of ``folder`` (which may be a
+    download about to be removed), or a fresh export."""
+    import shutil
+
+    from ageray.export import export_model, find_export
+
+    out = Path(tempfile.mkdtemp(prefix="ageray-onnx-"))
+    found = find_export(folder, "onnx")
+    if found is not None:
+        shutil.copy2(found, out / found.name)
+        return str(out / found.name)
+    return export_model(folder, out, fmt="onnx")["path"]
+
+
+class BatchPredictor:
+    """The callable class of ``map_batches``: loads the model once per actor, then turns
+    each batch (a ``pyarrow.Table`` with ``key``, ``source``, ``image``, ``error``) into a
+    table of answer rows (``ageray.inference.answers.arrow_schema``). An image that cannot
+    be used is a row with ``error`` set, never an exception."""
+
+    def __init__(
+        self,
+        model: str | Mapping[str, bytes] | Any,
+        *,
+        device: str = "cpu",
+        backend: str = "torch",
+        align: bool | str = "auto",
+        distribution: bool = False,
+        threads: int | None = 1,
+        rule: str | None = None,
+    ) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if type(model).__name__ == "ObjectRef":  # jobs.predict ships the files once via Ray
+            import ray
+
+            model = ray.get(model)
+        self.path = load_predictor(
+            model, device=device, backend=backend, align=align, threads=threads
+        )
+        self.distribution = distribution
+        self.rule = rule
+
+    def __call__(self, batch: Any) -> Any:
+        from ageray.inference import rows_to_table
+
+        cols = batch.to_pydict() if hasattr(batch, "to_pydict") else dict(batch)
+        rows = self.path.predict(
+            cols["image"],
+            keys=[str(k) for k in cols["key"]],
+            sources=list(cols["source"]),
+            errors=list(cols["error"]),
+            rule=self.rule,
+            distribution=self.distribution,
+            batch_size=max(1, len(cols["key"])),
+        )
+        return rows_to_table(rows, distribution=self.distribution)
+
+
+@dataclass
+class PredictSummary:
+    """What a run of batch prediction did: rows, errors by reason, a few examples."""
+
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    heads: Counter = field(default_factory=Counter)
+
+    def add(self, table: Any) -> None:
+        self.rows += table.num_rows
+        for err in table.column("error").to_pylist():
+            if err is not None:
+                self.errors[err.split(":", 1)[0]] += 1
+                if len(self.examples) < 3:
+                    self.examples.append(err)
+        for head in table.column("head").to_pylist():
+            if head is not None:
+                self.heads[head] += 1
+
+    @property
+    def answered(self) -> int:
+        return self.rows - sum(self.errors.values())
+
+    def line(self) -> str:
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        heads = ", ".join(f"{k} {v}" for k, v in sorted(self.heads.items())) or "-"
+        return f"{self.rows} rows: {self.answered} answered (heads: {heads}); errors: {errs}"
+
+
+class ParquetSink:
+    """One Parquet file written batch by batch (bounded memory), visible at ``output`` only
+    when complete: a local temporary file renamed, or uploaded whole to ``s3://``
+    (:func:`ageray.data.storage.atomic_write`)."""
+
+    def __init__(self, output: str, *, distribution: bool = False) -> None:
+        from ageray.inference import arrow_schema
+
+        if not str(output).endswith(".parquet"):
+            raise ValueError(f"--output {output!r} must name a .parquet file (local or s3://)")
+        self.output = str(output)
+        self.schema = arrow_schema(distribution)
+        self.summary = PredictSummary()
+        self._stack = contextlib.ExitStack()
+        self._writer: Any = None
+
+    def __enter__(self) -> ParquetSink:
+        import pyarrow.parquet as pq
+
+        from ageray.data import storage
+
+        if not storage.is_s3(self.output):
+            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+        fh = self._stack.enter_context(storage.atomic_write(self.output))
+        self._writer = self._stack.enter_context(pq.ParquetWriter(fh, self.schema))
+        return self
+
+    def write(self, table: Any) -> None:
+        table = table.cast(self.schema) if table.schema != self.schema else table
+        self._writer.write_table(table)
+        self.summary.add(table)
+
+    def write_all(self, tables: Iterable[Any]) -> PredictSummary:
+        for table in tables:
+            self.write(table)
+        return self.summary
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+
+
+def read_parquet(path: str) -> Any:
+    """A Parquet output as a ``pyarrow.Table`` (local or ``s3://``, via the storage layer)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from ageray.data import storage
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(path)))
+
+
+def describe_items(items: list[Mapping[str, Any]]) -> str:
+    """``"2 tar archives, 1,024 files"`` for the console."""
+    kinds: Counter = Counter()
+    for item in items:
+        kinds[item["kind"]] += len(item.get("urls", ())) or 1
+    names = {"files": "image files", "tar": "tar archives", "shard": "shards"}
+    return ", ".join(f"{n:,} {names[k]}" for k, n in kinds.items())
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
