@@ -9,7 +9,7 @@ Writes ``<storage>/<run>/pretrain/model/backbone.safetensors``; start training f
 
 from __future__ import annotations
 
-from jobs._common import Timer, base_parser, load, setup_logging
+from jobs._common import Timer, base_parser, load, require_resources, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from ageray.training.driver import run_stage_on_ray
 
     tracker = Tracker(cfg, enabled=not args.no_tracking)
+    require_resources(cfg, "python -m jobs.pretrain")
     parent = tracker.start_pipeline("train")
     shards = cfg.pretrain.shards or cfg.data.shards
     manifest = read_manifest(shards)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs._common import Timer, base_parser, load, setup_logging
+from jobs._common import Timer, base_parser, load, require_resources, setup_logging
 
 STAGES = {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from ageray.training.pipeline import PipelineError, run_pipeline
 
     tracker = Tracker(cfg, enabled=not args.no_tracking)  # fails fast if the server is down
+    require_resources(cfg, "python -m jobs.train")  # fails fast if the cluster cannot fit it
     try:
         result = run_pipeline(
             cfg,

@@ -276,7 +276,8 @@ class RayConfig:
     """Where and how wide the run is.
 
     ``address`` None starts (or joins, with ``auto``) a local Ray sized by ``num_cpus`` and
-    ``object_store_mb`` so it fits a small machine.
+    ``object_store_mb`` so it fits a small machine. A run that does not fit fails before it
+    starts, or waits ``resource_wait_s`` for an autoscaler (``ageray.training.capacity``).
     """
 
     address: str | None = None
@@ -286,6 +287,9 @@ class RayConfig:
     gpus_per_worker: float = 1.0
     num_cpus: int | None = None  # local Ray only; None = os.cpu_count()
     object_store_mb: int = 256
+    memory_per_worker_gb: float | None = None  # Ray's "memory" resource per worker (None: none)
+    autoscaling: bool | None = None  # None: ask the cluster whether an autoscaler runs
+    resource_wait_s: float = 600.0
 
 
 @dataclass

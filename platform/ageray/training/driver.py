@@ -153,6 +153,8 @@ def _scaling(cfg: Config):
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
+    if cfg.ray.memory_per_worker_gb:  # scheduling only: Ray does not cap the process
+        resources["memory"] = cfg.ray.memory_per_worker_gb * 1024**3
     return ScalingConfig(
         num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
     )

@@ -22,6 +22,8 @@ def trial_resources(ray_cfg: Any, driver_cpus: float = 0.1) -> dict[str, float]:
     need = {"CPU": ray_cfg.num_workers * float(ray_cfg.cpus_per_worker) + float(driver_cpus)}
     if ray_cfg.use_gpu:
         need["GPU"] = ray_cfg.num_workers * float(ray_cfg.gpus_per_worker)
+    if getattr(ray_cfg, "memory_per_worker_gb", None):
+        need["memory"] = ray_cfg.num_workers * ray_cfg.memory_per_worker_gb * 1024**3
     return need
 
 

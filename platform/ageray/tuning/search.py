@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 import time
 import warnings
@@ -345,13 +344,19 @@ def run_search(o: SearchOptions, extra_callbacks: Sequence[Any] | None = None) -
     import ray
     from ray import tune
 
+    from ageray.training.capacity import ResourceError, ensure_resources
     from ageray.training.driver import init_ray, storage_args
     from ageray.tuning.callbacks import SearchMonitor
 
     t0 = time.time()
     p = _plan(o)
     init_ray(p.runtime_cfg)
-    autoscaling = bool(p.runtime_cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    try:  # one trial must fit the cluster (or the cluster grow to fit it) before any starts
+        autoscaling = ensure_resources(
+            p.runtime_cfg, driver_cpus=p.settings.driver_cpus, wait=not o.dry_run, log=_say
+        )
+    except ResourceError as exc:
+        raise TuningError(str(exc)) from exc
     need = trial_resources(p.runtime_cfg.ray, p.settings.driver_cpus)
     n_conc, why = max_concurrent_trials(
         ray.cluster_resources(), need, override=p.settings.max_concurrent, autoscaling=autoscaling
