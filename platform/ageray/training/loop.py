@@ -41,7 +41,14 @@ from ageray.training.context import (
 from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
 from ageray.training.plans import StageSpec, plan_for
 
-__all__ = ["prepare_for_device", "run_local", "run_stage", "train_step", "train_worker"]
+__all__ = [
+    "nonfinite_loss_message",
+    "prepare_for_device",
+    "run_local",
+    "run_stage",
+    "train_step",
+    "train_worker",
+]
 
 
 # ------------------------------------------------------------------------ helpers
@@ -126,16 +133,58 @@ def train_step(
     with autocast(device, amp):
         loss, parts = step(model, batch)
     if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"{where}: loss is {loss.item()}; lower the learning rate (train.*.optim.lr) or "
-            "enable gradient clipping"
-        )
+        raise FloatingPointError(nonfinite_loss_message(loss, batch, params, optimizer, where))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parts["grad_norm"] = clip_gradients(params, grad_clip)
     optimizer.step()
     scheduler.step()
     return parts
+
+
+def nonfinite_loss_message(
+    loss: torch.Tensor,
+    batch: dict[str, Any],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    where: str,
+) -> str:
+    """Why the loss went non-finite, in one message naming the samples (their shard
+    ``key``) and the likely cause, told apart by what is non-finite: the images or ages of
+    some samples (those samples), the weights (an earlier step diverged: the learning rate),
+    or neither (a step too large for this batch: its keys, its labels, the learning rate).
+    ``age_std`` is NaN where a dataset has none, so it is not a cause."""
+    keys = [str(k) for k in batch.get("key") or []]
+    bad: set[int] = set()
+    for name in ("image", "age"):
+        value = batch.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.is_floating_point():
+            finite = torch.isfinite(value.detach().reshape(value.shape[0], -1)).all(dim=1)
+            bad |= set((~finite).nonzero().flatten().tolist())
+    lr = optimizer.param_groups[0]["lr"]
+    if bad:
+        named = _first([keys[i] if i < len(keys) else f"row {i}" for i in sorted(bad)])
+        cause = (
+            f"non-finite image or age values in sample(s) {named}; check those samples in "
+            "the shards (their labels and images) and the augmentation settings"
+        )
+    elif not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        cause = (
+            f"the weights are non-finite (an earlier step diverged at lr {lr:.3g}): lower the "
+            "learning rate (train.*.optim.lr) or clip gradients (optim.grad_clip)"
+        )
+    else:
+        cause = (
+            f"inputs and weights are finite; the batch holds {_first(keys) or 'no keys'}. "
+            f"Check these samples' labels (finite, within the age range), then the learning "
+            f"rate ({lr:.3g}, train.*.optim.lr) and gradient clipping (optim.grad_clip)"
+        )
+    return f"{where}: loss is {loss.item()}: {cause}"
+
+
+def _first(names: list[str], shown: int = 8) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
