@@ -8,6 +8,12 @@ Stage 2 alone from an earlier stage-1 model: ``--stage 2 --from runs/demo/stage1
 folder, a checkpoint, or an MLflow ``runs:/`` / ``models:/`` URI). A resubmitted run with the
 same ``run.name`` resumes from its latest checkpoint and continues the same MLflow runs.
 The sequence itself is ``ageray.training.pipeline.run_pipeline`` (Tune trials run it too).
+
+The hybrid net (``model.multitask=hybrid``) trains in Xing 3.3.3's three steps: ``--stage
+all`` runs ``hybrid_groups`` (the race-gender group classifier), ``hybrid_ages`` (each group's
+age estimator on its group's images) and ``hybrid_finetune`` (end to end), then stage 2 when
+the recipe enables it; ``--stage hybrid`` runs the three steps, ``--stage hybrid_ages --from
+<step-1 model>`` one of them; ``--stage 1`` trains the hybrid net end to end in one go.
 """
 
 from __future__ import annotations
@@ -16,7 +22,21 @@ import sys
 
 from jobs._common import Timer, base_parser, load, require_resources, setup_logging
 
-STAGES = {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}
+HYBRID = ("hybrid_groups", "hybrid_ages", "hybrid_finetune")  # ageray.training.plans
+STAGES = {
+    "1": ("stage1",),
+    "2": ("stage2",),
+    "all": ("stage1", "stage2"),
+    "hybrid": HYBRID,
+    **{step: (step,) for step in HYBRID},
+}
+
+
+def stages_for(choice: str, multitask: str) -> tuple[str, ...]:
+    """``--stage all`` trains a hybrid net in Xing's three steps (then stage 2)."""
+    if choice == "all" and multitask == "hybrid":
+        return (*HYBRID, "stage2")
+    return STAGES[choice]
 
 
 def parse(argv: list[str] | None = None):
@@ -25,7 +45,8 @@ def parse(argv: list[str] | None = None):
     p.add_argument(
         "--from",
         dest="from_model",
-        help="stage-1 model for --stage 2: folder, checkpoint, runs:/ or models:/ URI",
+        help="stage-1 model for --stage 2 (or the previous step's for a hybrid step): "
+        "folder, checkpoint, runs:/ or models:/ URI",
     )
     p.add_argument("--fresh", action="store_true", help="discard this run name's earlier state")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
@@ -49,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_pipeline(
             cfg,
             tracker=tracker,
-            stages=STAGES[args.stage],
+            stages=stages_for(args.stage, cfg.model.multitask),
             from_model=args.from_model,
             evaluate=not args.no_eval,
             register=not args.no_register,

@@ -151,9 +151,10 @@ class ModelConfig:
       * ``glae``    Feature Rearrangement + Pixel-level Auxiliary learning (GLAE)
     ``formulation`` (Xing et al. 3.2): ``ldl`` (label distribution, softmax over ages with
     expectation), ``onehot`` (softmax CE), ``mse`` / ``mae`` (one regression output),
-    ``ordinal`` (K-1 binary outputs, age = age_min + sum_k f_k).
+    ``ordinal`` (K-1 binary outputs, age = age_min + sum_k f_k). ``answer``: ``paper`` (one-hot
+    argmax, ordinal count of f_k > 0.5, as Xing) or ``expectation`` (soft sums; ldl always).
     ``multitask`` (Xing et al. 3.3): ``none``, ``parallel``, ``deep`` (deeply supervised),
-    ``hybrid`` (race-gender groups, group-specific estimators, fusion eq. 13).
+    ``hybrid`` (groups ``hybrid_groups``: ``morph`` BF/BM/WF/WM or ``race_gender`` all).
     """
 
     backbone: str = "resnet18"
@@ -162,7 +163,9 @@ class ModelConfig:
     pretrained: str | None = None
     head: Literal["linear", "glae"] = "glae"
     formulation: Literal["ldl", "onehot", "mse", "mae", "ordinal"] = "ldl"
+    answer: Literal["paper", "expectation"] = "paper"
     multitask: Literal["none", "parallel", "deep", "hybrid"] = "none"
+    hybrid_groups: Literal["morph", "race_gender"] = "morph"
     num_classes: int = 101  # ages 0..100
     age_min: int = 0  # ordinal thresholds start here (age_min=1 gives Xing's eq. 11 exactly)
     fr_r: int = 16
@@ -243,6 +246,8 @@ class Stage2Config:
 class TrainConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    # Xing 3.3.3's steps (hybrid_groups, hybrid_ages, hybrid_finetune), stage 1's optimiser
+    hybrid_epochs: tuple[int, int, int] = (4, 4, 8)
     # Backbone weights from jobs.pretrain (a checkpoint folder or .safetensors file).
     init_from: str | None = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU

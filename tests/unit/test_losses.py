@@ -414,3 +414,32 @@ def test_compute_loss_multitask_parallel_and_hybrid() -> None:
     # no multitask: the extra logits are ignored
     loss, _ = L.compute_loss(cfg, ModelConfig(formulation="mae"), out, batch)
     assert loss.item() == 0.0
+
+
+def test_hybrid_group_labels_come_from_the_heads_table() -> None:
+    """The hybrid term reads the head's (gender, race) -> group table: with Morph's four
+    groups a sample of another race belongs to no group and adds nothing."""
+    group_map = torch.full((2, 5), -1)
+    group_map[1, 1], group_map[0, 1], group_map[1, 0], group_map[0, 0] = 0, 1, 2, 3
+    groups = L.group_labels(
+        torch.tensor([1, 0, 0, 1, -1]), torch.tensor([1, 0, 2, 0, 1]), group_map
+    )
+    assert groups.tolist() == [0, 3, -1, 2, -1]
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 5))
+    # samples 0 (BF: p 0.5), 1 (WM: p 0.125), 3 (WF: p 0.125); 2 and 4 in no group
+    want = -(math.log(0.5) + 2 * math.log(0.125)) / 3
+    assert L.group_loss(logits, groups).item() == pytest.approx(want, rel=1e-6)
+    out = {"age": torch.full((5,), 2.0), "group_logits": logits, "group_map": group_map}
+    batch = {
+        "age": torch.full((5,), 2.0),
+        "gender": torch.tensor([1, 0, 0, 1, -1]),
+        "race": torch.tensor([1, 0, 2, 0, 1]),
+    }
+    cfg = LossConfig(name="mae", alpha=1.0, beta=1.0)
+    loss, parts = L.compute_loss(
+        cfg, ModelConfig(formulation="mae", multitask="hybrid"), out, batch
+    )
+    assert parts["group"] == pytest.approx(want, rel=1e-6) and loss.item() == pytest.approx(want)
+    with pytest.raises(ValueError, match=r"\(B, 4\)"):
+        bad = {**out, "group_logits": torch.zeros(5, 10)}
+        L.compute_loss(cfg, ModelConfig(formulation="mae", multitask="hybrid"), bad, batch)

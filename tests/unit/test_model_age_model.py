@@ -64,7 +64,8 @@ def test_build_from_config_uses_data_image_size() -> None:
         ({"head": "linear", "formulation": "mae", "multitask": "deep"},
          {"age", "gender_logits", "race_logits"}),
         ({"head": "linear", "formulation": "mae", "multitask": "hybrid"},
-         {"age", "gender_logits", "race_logits", "group_logits", "group_ages"}),
+         {"age", "gender_logits", "race_logits", "group_logits", "group_ages", "group_raw",
+          "group_map"}),
     ],
 )  # fmt: skip
 def test_forward_keys_and_shapes(kw: dict[str, object], keys: set[str]) -> None:
@@ -79,7 +80,9 @@ def test_forward_keys_and_shapes(kw: dict[str, object], keys: set[str]) -> None:
         "ordinal_logits": (2, 100),
         "gender_logits": (2, 2),
         "race_logits": (2, 5),
-        "group_logits": (2, 10),
+        "group_logits": (2, 4),  # Morph's BF, BM, WF, WM by default
+        "group_raw": (2, 4, 1),
+        "group_map": (2, 5),
         "local_logits": (2, 101, 2, 2),
     }
     for k, shape in shapes.items():
@@ -235,6 +238,34 @@ def test_predict_without_flip_and_regression() -> None:
         a = reg(images())["vanilla"]["age"]
         af = reg(images().flip(-1))["vanilla"]["age"]
     assert torch.allclose(pred.age, 0.5 * (a + af), atol=1e-5)
+
+
+@pytest.mark.parametrize("answer", ["paper", "expectation"])
+def test_predict_answers_as_the_formulation_says(answer: str) -> None:
+    """Ordinal: flip TTA averages the K-1 probabilities, then counts the votes above 0.5
+    (Xing eq. 11) or sums them; one-hot: argmax (Xing 3.2.1) or the expectation of the
+    flip-averaged distribution; the hybrid net: eq. 13 per pass, averaged over the flip, and
+    its group probabilities."""
+    x = images(3)
+    ordinal = make(head="linear", formulation="ordinal", answer=answer).eval()
+    with torch.no_grad():
+        q = torch.sigmoid(ordinal(x)["vanilla"]["ordinal_logits"])
+        qf = torch.sigmoid(ordinal(x.flip(-1))["vanilla"]["ordinal_logits"])
+    q = 0.5 * (q + qf)
+    want = (q > 0.5).float().sum(-1) if answer == "paper" else q.sum(-1)
+    assert torch.allclose(ordinal.predict(x).age, want, atol=1e-5)
+    onehot = make(head="linear", formulation="onehot", answer=answer)
+    pred = onehot.predict(x)
+    want = pred.probs.argmax(-1).float() if answer == "paper" else age_from_probs(pred.probs)
+    assert torch.allclose(pred.age, want, atol=1e-5)
+    hybrid = make(head="linear", formulation="ordinal", multitask="hybrid", answer=answer)
+    pred = hybrid.eval().predict(x)
+    with torch.no_grad():
+        a, af = hybrid(x)["vanilla"]["age"], hybrid(x.flip(-1))["vanilla"]["age"]
+    assert torch.allclose(pred.age, 0.5 * (a + af), atol=1e-5)
+    assert pred.group is not None and pred.group.shape == (3, 4)
+    assert torch.allclose(pred.group.sum(-1), torch.ones(3), atol=1e-5)
+    assert pred.race is not None and pred.race[:, 2:].max() < 1e-6  # Morph groups: W, B only
 
 
 def test_channels_last_and_backbone_state() -> None:

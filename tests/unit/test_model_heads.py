@@ -84,9 +84,20 @@ def test_linear_head_formulations(name: str, keys: set[str], dim: int) -> None:
 def test_formulation_ages_by_hand() -> None:
     probs = torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
     assert age_from_probs(probs).tolist() == [1.5, 0.0]
-    ordinal = Formulation("ordinal", 4, age_min=1)  # Xing eq. 11: 1 + sum_k f_k
+    # Xing eq. 11: 1 + sum_k f_k with f_k = [sigmoid_k > 0.5] (0.5 itself is no "yes")
+    ordinal = Formulation("ordinal", 4, age_min=1)
     raw = torch.tensor([[0.0, math.log(3.0), -1e4]])  # sigmoids 0.5, 0.75, 0
-    assert ordinal.outputs(raw)["age"].tolist() == pytest.approx([1 + 0.5 + 0.75])
+    assert ordinal.outputs(raw)["age"].tolist() == [2.0]
+    soft = Formulation("ordinal", 4, age_min=1, answer="expectation")
+    assert soft.outputs(raw)["age"].tolist() == pytest.approx([1 + 0.5 + 0.75])
+    # one-hot: the most likely age (Xing 3.2.1) unless the expectation is asked for
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]))
+    assert Formulation("onehot", 4).outputs(logits)["age"].tolist() == [3.0, 0.0]
+    expect = Formulation("onehot", 4, answer="expectation").outputs(logits)["age"]
+    assert expect.tolist() == pytest.approx([2.0, 0.6])
+    assert Formulation("ldl", 4).outputs(logits)["age"].tolist() == pytest.approx([2.0, 0.6])
+    with pytest.raises(ValueError, match="model.answer='mode'"):
+        Formulation("onehot", 4, answer="mode")
     mse = Formulation("mse", 101)
     layer = nn.Linear(4, 1)
     mse.init_layer(layer)
@@ -111,7 +122,7 @@ def test_hybrid_fusion_regression_by_hand() -> None:
     # Group probabilities 0.1, 0.2, 0.3, 0.4 -> 1 + 4 + 9 + 16 = 30.
     assert out["age"].item() == pytest.approx(30.0)
     assert out["group_ages"].tolist() == [[10.0, 20.0, 30.0, 40.0]]
-    # group = gender * R + race: gender 0 = groups 0, 1; race 0 = groups 0, 2.
+    # race_gender groups: group = gender * R + race: gender 0 = groups 0, 1; race 0 = 0, 2.
     assert out["gender_logits"].exp().tolist()[0] == pytest.approx([0.3, 0.7])
     assert out["race_logits"].exp().tolist()[0] == pytest.approx([0.4, 0.6])
 
@@ -128,15 +139,51 @@ def test_hybrid_forward_matches_formula() -> None:
     fused = (g[..., None] * p_k).sum(1)
     assert torch.allclose(torch.softmax(out["logits"], -1), fused, atol=1e-6)
     assert out["group_logits"].shape == (2, 4) and out["group_ages"].shape == (2, 4)
+    assert out["group_raw"].shape == (2, 4, 5)
 
 
-def test_hybrid_ordinal_fusion() -> None:
-    form = Formulation("ordinal", 5, age_min=1)
-    head = _hybrid(form)
-    raw = torch.randn(1, 4, 4)
-    glog = torch.randn(1, 4)
-    out = head.fuse(glog, raw)
+@pytest.mark.parametrize("answer", ["paper", "expectation"])
+def test_hybrid_fusion_is_eq13_on_the_group_answers(answer: str) -> None:
+    """The fused age is sum_k g_k * (group k's own answer): for ordinal the count of
+    "older than" votes per group (Xing eq. 11) as the paper, the soft sum as the option; for
+    one-hot each group's argmax."""
+    glog = torch.randn(3, 4)
     g = torch.softmax(glog, -1)
-    expected = (g * (1 + torch.sigmoid(raw).sum(-1))).sum(-1)
-    assert torch.allclose(out["age"], expected, atol=1e-5)
-    assert out["ordinal_logits"].shape == (1, 4)
+    form = Formulation("ordinal", 5, age_min=1, answer=answer)
+    raw = torch.randn(3, 4, 4)
+    out = _hybrid(form).fuse(glog, raw)
+    q = torch.sigmoid(raw)
+    per_group = 1 + ((q > 0.5).float() if answer == "paper" else q).sum(-1)
+    assert torch.allclose(out["age"], (g * per_group).sum(-1), atol=1e-5)
+    assert out["ordinal_logits"].shape == (3, 4)
+    fused_q = (g[..., None] * q).sum(1)
+    assert torch.allclose(torch.sigmoid(out["ordinal_logits"]), fused_q, atol=1e-5)
+    onehot = Formulation("onehot", 5, answer=answer)
+    raw = torch.randn(3, 4, 5)
+    out = _hybrid(onehot).fuse(glog, raw)
+    p = torch.softmax(raw, -1)
+    per_group = p.argmax(-1).float() if answer == "paper" else (p * torch.arange(5.0)).sum(-1)
+    assert torch.allclose(out["age"], (g * per_group).sum(-1), atol=1e-5)
+
+
+def test_hybrid_morph_groups() -> None:
+    """Morph's BF, BM, WF, WM (Xing 3.3.3): four groups over the 2 x 5 label codes; a race no
+    group covers gets probability 0, and the label table sends it to no group (-1)."""
+    from ageray.model.multitask import hybrid_groups
+
+    groups = hybrid_groups("morph", num_genders=2, num_races=5)
+    assert groups == ((1, 1), (0, 1), (1, 0), (0, 0))  # (gender, race): 1 female, 1 black
+    head = HybridMultiTask(3, Formulation("mae", 101), groups=groups, num_races=5)
+    glog = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    out = head.fuse(glog, torch.zeros(1, 4, 1))
+    assert out["gender_logits"].exp().tolist()[0] == pytest.approx([0.6, 0.4])  # BM+WM, BF+WF
+    race = out["race_logits"].exp().tolist()[0]
+    assert race == pytest.approx([0.7, 0.3, 0.0, 0.0, 0.0], abs=1e-6)  # white, black, rest 0
+    labels = head.group_labels(torch.tensor([1, 0, 1, 0, 0, -1]), torch.tensor([1, 1, 0, 0, 2, 0]))
+    assert labels.tolist() == [0, 1, 2, 3, -1, -1]
+    with pytest.raises(ValueError, match="hybrid_groups=morph needs"):
+        hybrid_groups("morph", num_genders=2, num_races=1)
+    with pytest.raises(ValueError, match="hybrid_groups='all'"):
+        hybrid_groups("all")
+    with pytest.raises(ValueError, match="outside"):
+        HybridMultiTask(3, Formulation("mae", 101), groups=((0, 0), (2, 0)), num_genders=2)

@@ -27,7 +27,7 @@ from ageray.config import Config, DataConfig, ModelConfig
 from .backbone import Backbone, LoadReport, create_backbone
 from .formulation import Formulation
 from .heads import AgeHead, GLAEHead, LinearHead
-from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask
+from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask, hybrid_groups
 from .routing import (
     ROUTING_RULES,
     RoutingRule,
@@ -53,7 +53,8 @@ class Prediction:
     mse/mae/ordinal); ``head`` (B,) 0 = vanilla, 1 = balanced; ``heads[name]`` = {"age",
     "probs", "kl", "std", "entropy"} per head (kl = KL(p || p_flip), None without flip or a
     distribution); ``gender`` / ``race`` (B, G) / (B, R) flip-averaged probabilities of the
-    vanilla head for multi-task models, else None. When two distribution heads were routed:
+    vanilla head for multi-task models, else None; ``group`` (B, N) the hybrid net's race-gender
+    group probabilities (flip-averaged). When two distribution heads were routed:
     ``rule`` (its name), ``weight`` (B,) the balanced head's weight (0 or 1 for a hard rule)
     and ``features`` (B, 9) the routing features (``ageray.model.routing.FEATURES``), from
     which evaluation scores every other rule without another forward pass.
@@ -65,6 +66,7 @@ class Prediction:
     heads: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
     gender: torch.Tensor | None = None
     race: torch.Tensor | None = None
+    group: torch.Tensor | None = None
     rule: str | None = None
     weight: torch.Tensor | None = None
     features: torch.Tensor | None = None
@@ -329,11 +331,22 @@ class AgeModel(nn.Module):
             a, f = split(both)
             return a if f is None else 0.5 * (a + f)
 
+        form = self.formulation
         heads: dict[str, dict[str, torch.Tensor | None]] = {}
         for name in names:
             d = out[name]
             if "logits" in d:
                 heads[name] = head_stats(*split(d["logits"]))
+                # The head's answer (model.answer): the argmax for one-hot as the paper reads
+                # it; the hybrid net's is eq. 13 on its group estimators' answers, per pass.
+                if "group_ages" in d:
+                    heads[name]["age"] = avg(d["age"].float())
+                elif form.argmax:
+                    heads[name]["age"] = form.age_of_probs(heads[name]["probs"])  # type: ignore[arg-type]
+            elif "ordinal_logits" in d and "group_ages" not in d:
+                # flip TTA averages the K-1 probabilities, then counts (or sums) them
+                q = avg(torch.sigmoid(d["ordinal_logits"].float()))
+                heads[name] = {"age": form.age_of_ordinal(q), "probs": None, "kl": None}
             else:
                 heads[name] = {"age": avg(d["age"].float()), "probs": None, "kl": None}
         van = heads["vanilla"]
@@ -349,12 +362,21 @@ class AgeModel(nn.Module):
             age = mix_ages(van["age"], bal["age"], weight)  # type: ignore[arg-type]
             choice = (weight >= 0.5).long()
             routed = {"rule": rule.name, "weight": weight, "features": features}
-        gender = race = None
+        gender = race = group = None
         if "gender_logits" in out["vanilla"]:
             gender = avg(torch.softmax(out["vanilla"]["gender_logits"].float(), -1))
             race = avg(torch.softmax(out["vanilla"]["race_logits"].float(), -1))
+        if "group_logits" in out["vanilla"]:
+            group = avg(torch.softmax(out["vanilla"]["group_logits"].float(), -1))
         return Prediction(
-            age=age, probs=probs, head=choice, heads=heads, gender=gender, race=race, **routed
+            age=age,
+            probs=probs,
+            head=choice,
+            heads=heads,
+            gender=gender,
+            race=race,
+            group=group,
+            **routed,
         )
 
 
@@ -423,7 +445,8 @@ def _make_head(
                 f"estimator per race-gender group ({mc.num_genders * mc.num_races} here) on GAP "
                 "features (Xing 3.3.3); use model.head=linear"
             )
-        return HybridMultiTask(channels, form, **groups, drop_rate=mc.drop_rate)
+        pairs = hybrid_groups(mc.hybrid_groups, **groups)
+        return HybridMultiTask(channels, form, groups=pairs, **groups, drop_rate=mc.drop_rate)
     raise ValueError(f"model.multitask={mc.multitask!r} is not one of none, parallel, deep, hybrid")
 
 
@@ -445,7 +468,9 @@ def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> Age
         raise ValueError(f"image_size={image_size} must be positive")
     if mc.head not in ("linear", "glae"):
         raise ValueError(f"model.head={mc.head!r} is not one of linear, glae")
-    form = Formulation(mc.formulation, num_classes=mc.num_classes, age_min=mc.age_min)
+    form = Formulation(
+        mc.formulation, num_classes=mc.num_classes, age_min=mc.age_min, answer=mc.answer
+    )
     if mc.proj_depth < 0:
         raise ValueError(f"model.proj_depth={mc.proj_depth} must be >= 0")
     if not 0.0 <= mc.drop_rate < 1.0:

@@ -22,7 +22,7 @@ from typing import Any
 from ageray.config import Config, to_dict
 from ageray.training.checkpoint import materialize
 from ageray.training.loop import train_worker
-from ageray.training.plans import StageSpec
+from ageray.training.plans import STAGE_METRICS, StageSpec
 
 __all__ = [
     "StageResult",
@@ -170,6 +170,8 @@ def process_group_backend(cfg: Config) -> str:
 def _metric_for(stage: str, cfg: Config) -> tuple[str, str]:
     if stage == "pretrain":
         return "train_loss", "min"
+    if stage in STAGE_METRICS:
+        return STAGE_METRICS[stage]
     if stage == "stage2" and cfg.train.checkpoint_metric == "val_mae":
         # The balanced head exists for the tail: keep the epoch whose routed answer is best
         # class-wise (CMAE), which is what stage 2 is for.

@@ -30,11 +30,12 @@ from ageray.data.manifest import read_manifest
 from ageray.evaluation import evaluate_for_config, format_table
 from ageray.tracking import Tracker, log_model, resolve_model_dir
 from ageray.training.driver import StageResult, local_run_dir, run_stage_on_ray
+from ageray.training.plans import HYBRID_STEPS
 
 __all__ = ["STEPS", "PipelineError", "PipelineResult", "run_pipeline"]
 
 #: The steps of a pipeline that may get MLflow child runs of their own.
-STEPS = ("stage1", "stage2", "routing", "evaluate")
+STEPS = ("stage1", *HYBRID_STEPS, "stage2", "routing", "evaluate")
 
 
 class PipelineError(ValueError):
@@ -78,9 +79,21 @@ def run_pipeline(
     name's earlier stage results and starts new MLflow runs (resuming the old ones would mix
     two trainings' histories). Registration needs tracking.
     """
-    unknown = set(stages) - {"stage1", "stage2"}
+    unknown = set(stages) - {"stage1", "stage2", *HYBRID_STEPS}
     if unknown:
-        raise PipelineError(f"unknown stage(s) {sorted(unknown)}; choose stage1, stage2")
+        raise PipelineError(
+            f"unknown stage(s) {sorted(unknown)}; choose stage1, stage2 or the hybrid net's "
+            f"steps {', '.join(HYBRID_STEPS)}"
+        )
+    hybrid = [s for s in HYBRID_STEPS if s in stages]
+    if hybrid and cfg.model.multitask != "hybrid":
+        raise PipelineError(
+            f"stages {hybrid} are Xing 3.3.3's training of the hybrid net; the recipe has "
+            f"model.multitask={cfg.model.multitask!r}"
+        )
+    if hybrid and hybrid[0] != HYBRID_STEPS[0] and "stage1" not in stages and not from_model:
+        before = HYBRID_STEPS[HYBRID_STEPS.index(hybrid[0]) - 1]
+        raise PipelineError(f"{hybrid[0]} starts from the {before} model: pass --from <it>")
     run_stage2 = "stage2" in stages and cfg.train.stage2.enabled
     if run_stage2 and "stage1" not in stages and not from_model:
         raise PipelineError(
@@ -127,6 +140,30 @@ def run_pipeline(
         mae_ref = r1.metrics.get("val_mae")
         stage1_uri = r1.checkpoint  # in the run's storage: what stage 2's workers read
         say(f"[ageray] stage 1 best: {json.dumps(_shown(r1.metrics))} -> {r1.model_dir}")
+
+    for step in hybrid:
+        # Each step starts from the one before (step 1 from a fresh net, or the identity-
+        # pretrained trunk); the last one is what stage 2 and the evaluation get.
+        init = stage1_uri
+        if init is None and step != HYBRID_STEPS[0]:
+            init = str(resolve_model_dir(str(from_model)))
+        with step_run(step) as rid:
+            r = run_stage_on_ray(
+                cfg,
+                step,
+                tracking_uri=uri,
+                mlflow_run_id=rid,
+                init_model=init,
+                init_backbone=cfg.train.init_from if step == HYBRID_STEPS[0] else None,
+                fresh=fresh,
+            )
+            if not r.reused:
+                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r.metrics.items()})
+                tracker.log_artifact(rid, r.model_dir / "model.json", "model")
+        result.stage1, result.model_dir = r, r.model_dir
+        mae_ref = r.metrics.get("val_mae")
+        stage1_uri = r.checkpoint
+        say(f"[ageray] {step} best: {json.dumps(_shown(r.metrics))} -> {r.model_dir}")
 
     if run_stage2:
         if result.stage1 is None:
@@ -212,5 +249,14 @@ def _fit_routing_step(
 
 def _shown(metrics: dict[str, float]) -> dict[str, float]:
     """The validation numbers a person reads after a stage (rounded)."""
-    keys = ("val_mae", "val_cmae", "val_balanced_cmae", "val_routed_cmae", "val_routed_mae")
+    keys = (
+        "val_mae",
+        "val_cmae",
+        "val_balanced_cmae",
+        "val_routed_cmae",
+        "val_routed_mae",
+        "val_group_acc",
+        "val_gender_acc",
+        "val_race_acc",
+    )
     return {k: round(metrics[k], 3) for k in keys if k in metrics}

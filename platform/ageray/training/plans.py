@@ -3,8 +3,9 @@
 A :class:`StageSpec` is what the driver hands every worker (plain data); a
 :class:`StagePlan` is what a worker builds from it: the model, which parameters train, the
 loss step, the sampler, the validation. ``stage1`` (representation), ``stage2`` (balanced
-classifier on the frozen backbone) and ``pretrain`` (identity, AM-softmax) each have one plan
-function here; :mod:`ageray.training.loop` runs any of them.
+classifier on the frozen backbone), ``pretrain`` (identity, AM-softmax) and the hybrid
+net's three steps (Xing 3.3.3: ``hybrid_groups``, ``hybrid_ages``, ``hybrid_finetune``) each
+have one plan function here; :mod:`ageray.training.loop` runs any of them.
 
 Why a module of its own: the loop and the stages depend on the plans, and nothing here
 depends on the loop, so the training package has no import cycle.
@@ -26,12 +27,18 @@ from ageray.inference import collect_predictions, merge_predictions, prediction_
 from ageray.training.checkpoint import materialize, unwrap
 from ageray.training.context import WorkerContext, all_gather_objects
 from ageray.training.pretrain import IdentityNet
+from ageray.traits import trait_metrics
 
 __all__ = [
+    "HYBRID_STEPS",
     "STAGES",
+    "STAGE_METRICS",
     "StagePlan",
     "StageSpec",
     "plan_for",
+    "plan_hybrid_ages",
+    "plan_hybrid_finetune",
+    "plan_hybrid_groups",
     "plan_pretrain",
     "plan_stage1",
     "plan_stage2",
@@ -39,7 +46,12 @@ __all__ = [
     "spec_for",
 ]
 
-STAGES = ("pretrain", "stage1", "stage2")
+#: Xing 3.3.3's three-step training of the hybrid net, in order.
+HYBRID_STEPS = ("hybrid_groups", "hybrid_ages", "hybrid_finetune")
+STAGES = ("pretrain", "stage1", "stage2", *HYBRID_STEPS)
+#: The checkpoint metric of a stage whose best epoch is not the best age (step 1 trains only
+#: the group classifier, so its ages are the untrained estimators').
+STAGE_METRICS = {"hybrid_groups": ("val_group_acc", "max")}
 
 
 @dataclass
@@ -117,6 +129,7 @@ def _stage_validate(cfg: Config):
     def validate(model: nn.Module, ctx: WorkerContext) -> dict[str, float]:
         preds = predict_split(model, cfg, cfg.data.val_split, ctx, flip=cfg.eval.flip_tta)
         metrics = prediction_metrics(preds, aar_groups=cfg.eval.aar_groups, prefix="val")
+        metrics.update(trait_metrics(preds, prefix="val"))  # multi-task nets: gender, race
         for k, v in preds["_skipped"].items():
             metrics[f"val_skipped_{k}"] = float(v)
         return metrics
@@ -187,7 +200,14 @@ def plan_stage2(cfg: Config, spec: StageSpec) -> StagePlan:
 
 def plan_for(cfg: Config, spec: StageSpec) -> StagePlan:
     """The plan of ``spec.stage``."""
-    plans = {"stage1": plan_stage1, "stage2": plan_stage2, "pretrain": plan_pretrain}
+    plans = {
+        "stage1": plan_stage1,
+        "stage2": plan_stage2,
+        "pretrain": plan_pretrain,
+        "hybrid_groups": plan_hybrid_groups,
+        "hybrid_ages": plan_hybrid_ages,
+        "hybrid_finetune": plan_hybrid_finetune,
+    }
     if spec.stage not in plans:
         raise ValueError(f"unknown stage {spec.stage!r}; choose one of {STAGES}")
     return plans[spec.stage](cfg, spec)
@@ -235,3 +255,138 @@ def plan_pretrain(cfg: Config, spec: StageSpec) -> StagePlan:
         meta={"num_identities": num_ids, "shards": shards},
         data_cfg=data_cfg,
     )
+
+
+# ------------------------------------------------------------------ the hybrid net (Xing 3.3.3)
+
+
+def _hybrid_model(cfg: Config, spec: StageSpec) -> tuple[nn.Module, dict[str, Any]]:
+    """Step 1 builds the recipe's hybrid net (from an identity-pretrained trunk when
+    ``train.init_from`` is set); steps 2 and 3 load the previous step's model."""
+    from ageray.model import build_model, load_model
+
+    if cfg.model.multitask != "hybrid":
+        raise ValueError(
+            f"stage {spec.stage!r} is a step of Xing 3.3.3's hybrid training and needs "
+            f"model.multitask=hybrid (the recipe has {cfg.model.multitask!r}); train other "
+            "nets with --stage 1"
+        )
+    if spec.stage == HYBRID_STEPS[0]:
+        model = build_model(cfg)
+        init_backbone = spec.init_backbone or cfg.train.init_from
+        if init_backbone:
+            model.load_backbone(str(materialize(init_backbone)))
+            return model, {"init_backbone": init_backbone}
+        return model, {}
+    if not spec.init_model:
+        before = HYBRID_STEPS[HYBRID_STEPS.index(spec.stage) - 1]
+        raise ValueError(
+            f"stage {spec.stage!r} starts from the {before!r} model (StageSpec.init_model; "
+            f"jobs.train --stage {spec.stage} --from <that model>)"
+        )
+    model, _info = load_model(materialize(spec.init_model))
+    if "balanced" in model.heads:
+        raise ValueError(f"{spec.init_model} has a balanced head: it is a stage-2 model")
+    return model, {"init_model": spec.init_model}
+
+
+def _hybrid_epochs(cfg: Config, step: str) -> int:
+    epochs = tuple(cfg.train.hybrid_epochs)
+    if len(epochs) != 3 or any(int(e) < 1 for e in epochs):
+        raise ValueError(
+            f"train.hybrid_epochs={list(epochs)}: give three epoch counts >= 1 (group "
+            "classifier, group estimators, end-to-end fine-tuning)"
+        )
+    return int(epochs[HYBRID_STEPS.index(step)])
+
+
+def _plan(cfg: Config, spec: StageSpec, model: nn.Module, step: Any, meta: dict) -> StagePlan:
+    return StagePlan(
+        model=model,
+        params=[p for p in model.parameters() if p.requires_grad],
+        optim=cfg.train.stage1.optim,
+        epochs=_hybrid_epochs(cfg, spec.stage),
+        sampler=cfg.train.stage1.sampler,
+        split=cfg.data.train_split,
+        step=step,
+        validate=_stage_validate(cfg),
+        meta=meta,
+    )
+
+
+def _group_accuracy(logits: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
+    """``train_group_acc`` over the batch's images that belong to a group (none: no key, so
+    the epoch's mean is not poisoned by a NaN)."""
+    known = groups >= 0
+    if not bool(known.any()):
+        return {}
+    hits = logits.detach().argmax(-1)[known] == groups[known]
+    return {"train_group_acc": float(hits.float().mean())}
+
+
+def plan_hybrid_groups(cfg: Config, spec: StageSpec) -> StagePlan:
+    """Step 1: the race-gender group classifier (and the trunk under it) on all the training
+    data, softmax CE over the groups; the age estimators do not train (no gradient reaches
+    them, and DDP wants every trainable parameter used)."""
+    from ageray.losses import group_labels, group_loss
+
+    model, meta = _hybrid_model(cfg, spec)
+    for p in model.heads["vanilla"].age_heads.parameters():
+        p.requires_grad_(False)
+
+    def step(m: nn.Module, batch: dict[str, torch.Tensor]):
+        out = m(batch["image"], heads=["vanilla"])["vanilla"]
+        groups = group_labels(batch["gender"], batch["race"], out["group_map"])
+        loss = group_loss(out["group_logits"], groups)
+        value = float(loss.detach())
+        parts = {"loss": value, "group": value, **_group_accuracy(out["group_logits"], groups)}
+        return loss, parts
+
+    return _plan(cfg, spec, model, step, meta)
+
+
+def plan_hybrid_ages(cfg: Config, spec: StageSpec) -> StagePlan:
+    """Step 2: each group's age estimator on its own group's images (the recipe's age loss on
+    the estimator of the sample's group; samples in no group are left out). The group
+    classifier stays as step 1 left it. The trunk trains with the estimators: Xing's shared
+    part is only Conv1-2 and each group has its own Conv3-FC2, while on a timm trunk every
+    conv layer is shared, so freezing it would leave the estimators on features trained for
+    race and gender alone."""
+    from ageray.losses import compute_loss, group_labels
+
+    model, meta = _hybrid_model(cfg, spec)
+    head = model.heads["vanilla"]
+    for p in head.group.parameters():
+        p.requires_grad_(False)
+    form = head.formulation
+    single = dataclasses.replace(cfg.model, multitask="none")
+
+    def step(m: nn.Module, batch: dict[str, torch.Tensor]):
+        out = m(batch["image"], heads=["vanilla"])["vanilla"]
+        groups = group_labels(batch["gender"], batch["race"], out["group_map"])
+        rows = torch.nonzero(groups >= 0).flatten()
+        raw = out["group_raw"]
+        # Every estimator takes part in the graph (with weight 0 when its group has no image
+        # in this batch), so DDP sees a gradient for each of them on every rank.
+        zero = raw.float().sum() * 0.0
+        if rows.numel() == 0:
+            return zero, {"loss": 0.0, "group_images": 0.0}
+        own = form.outputs(raw[rows, groups[rows]])
+        sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        loss, parts = compute_loss(cfg.loss, single, own, sub)
+        loss = loss + zero
+        with torch.no_grad():
+            parts["train_mae"] = float((own["age"] - sub["age"].float()).abs().mean())
+        parts["group_images"] = float(rows.numel())
+        return loss, parts
+
+    return _plan(cfg, spec, model, step, meta)
+
+
+def plan_hybrid_finetune(cfg: Config, spec: StageSpec) -> StagePlan:
+    """Step 3: the whole net end to end on all the training data: the age loss on eq. 13's
+    fused output plus the group term (``compute_loss`` with ``multitask=hybrid``)."""
+    model, meta = _hybrid_model(cfg, spec)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return _plan(cfg, spec, model, _loss_step(cfg, "vanilla", None, stage=1), meta)
