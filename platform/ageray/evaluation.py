@@ -23,6 +23,8 @@ import numpy as np
 
 from ageray import metrics as M
 from ageray.config import Config, RoutingConfig
+from ageray.fairness import fairness_metrics, fairness_table, markdown_fairness, plot_fairness
+from ageray.traits import markdown_traits, plot_confusions, trait_report
 
 __all__ = [
     "ROW_ORDER",
@@ -229,6 +231,16 @@ def build_report(
             report["routing_usage"] = usage.get("routed")  # GLAE Fig. 4: the smaller rule
             if "routed_bigger" in usage:
                 report["routing_usage_bigger"] = usage["routed_bigger"]
+    # who gets which error (every row, per gender / race / race x gender) and, for multi-task
+    # models, their gender / race / group answers (ageray.fairness, ageray.traits)
+    fairness = fairness_table(
+        y, rows, preds.get("gender"), preds.get("race"), order=report["row_order"]
+    )
+    if fairness:
+        report["fairness"] = fairness
+    traits = trait_report(preds)
+    if traits:
+        report["traits"] = traits
     report["flat_metrics"] = flat_metrics(report)
     return report
 
@@ -255,6 +267,10 @@ def flat_metrics(report: dict[str, Any], prefix: str = "test") -> dict[str, floa
         for g, v in (r.get("shot_mae") or {}).items():
             if isinstance(v, int | float) and math.isfinite(v):
                 out[f"{prefix}_{name}_mae_{g}_shot"] = float(v)
+    out.update(fairness_metrics(report.get("fairness"), prefix))
+    for trait, sec in (report.get("traits") or {}).items():
+        if isinstance(sec["accuracy"], float) and math.isfinite(sec["accuracy"]):
+            out[f"{prefix}_{trait}_acc"] = sec["accuracy"]
     for name, shares in (report.get("gap_closed") or {}).items():
         for k, v in shares.items():
             if isinstance(v, int | float) and math.isfinite(v):
@@ -281,7 +297,7 @@ def evaluate_to_dir(
     ``routing``: fit the rules it lists that the model lacks, on its ``fit_split``, first
     (see :func:`evaluate_model`). ``train_split``: the split whose manifest histogram
     defines the many/medium/few shots (skipped when the manifest has no such split)."""
-    from ageray.report import markdown_table, write_plots
+    from ageray.report import write_plots
     from ageray.tracking import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_ref))
@@ -308,8 +324,10 @@ def evaluate_to_dir(
     (out / "report.json").write_text(
         json.dumps(_nan_to_none(report), indent=2, default=_json_default, allow_nan=False)
     )
-    (out / "report.md").write_text(markdown_table(report))
-    report["plots"] = [str(p) for p in write_plots(report, out)]
+    (out / "report.md").write_text(report_markdown(report))
+    plots = write_plots(report, out) + plot_confusions(report.get("traits") or {}, out)
+    fair = plot_fairness(report.get("fairness"), out / "fairness.png", **_row_style(report))
+    report["plots"] = [str(p) for p in plots + ([fair] if fair else [])]
     return report
 
 
@@ -360,6 +378,24 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def _row_style(report: dict[str, Any]) -> dict[str, dict[str, str]]:
+    from ageray.report import ROW_COLORS, ROW_LABELS
+
+    return {
+        "labels": {name: ROW_LABELS.get(name, name) for name in report["rows"]},
+        "colors": dict(ROW_COLORS),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the Table IX-style table, then the gender/race and fairness sections."""
+    from ageray.report import markdown_table
+
+    extra = markdown_traits(report.get("traits") or {})
+    extra += markdown_fairness(report.get("fairness"), _row_style(report)["labels"])
+    return markdown_table(report) + ("\n".join(extra) + "\n" if extra else "")
 
 
 def format_table(report: dict[str, Any]) -> str:

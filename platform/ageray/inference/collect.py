@@ -54,8 +54,10 @@ def collect_predictions(
     ``rule_<name>_age`` and ``rule_<name>_weight`` (the balanced head's weight), computed
     from the same forward pass by the same rule modules, so the numbers are the ones
     ``model.predict(x, rule=name)`` gives; ``bigger_age`` / ``bigger_choice`` repeat Table
-    IX's mirror rule under their older names. ``_keys`` holds the sample keys in order and
-    ``_skipped`` the loader's skip counts.
+    IX's mirror rule under their older names. ``gender`` / ``race``: the labels (-1 absent);
+    multi-task models add ``gender_probs`` / ``race_probs`` (and the hybrid net
+    ``group_probs``, with its groups' (gender, race) pairs in ``_groups``). ``_keys`` holds
+    the sample keys in order and ``_skipped`` the loader's skip counts.
     """
     from ageray.model.routing import mix_ages
 
@@ -83,6 +85,12 @@ def collect_predictions(
                     add(f"{head}_kl", out[f"kl_{head}"])
             add("routed_age", out["age"])
             add("routed_choice", out["head"])
+            for trait in ("gender", "race"):  # labels (-1: absent), for the fairness table
+                if trait in batch:
+                    add(trait, batch[trait])
+            for name in ("gender", "race", "group"):  # multi-task probabilities
+                if name in out:
+                    add(f"{name}_probs", out[name])
             features = out.get("features")
             if features is not None:
                 add("route_features", features)
@@ -99,6 +107,9 @@ def collect_predictions(
         model.train(was_training)
     out_arrays: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
     out_arrays["_routing_rule"] = getattr(model, "routing_rule", None)
+    groups = getattr(model.heads["vanilla"], "groups", None)  # type: ignore[index]
+    if groups:  # the hybrid net's (gender, race) pair of each group
+        out_arrays["_groups"] = [list(pair) for pair in groups]
     out_arrays["_keys"] = np.array(keys, dtype=object)
     out_arrays["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
     return out_arrays
@@ -147,6 +158,9 @@ def merge_predictions(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for p in parts:
         skipped.update({k: int(v) for k, v in (p.get("_skipped") or {}).items()})
     merged["_skipped"] = dict(skipped)
+    groups = [p["_groups"] for p in parts if p.get("_groups")]
+    if groups:
+        merged["_groups"] = groups[0]
     rules = {p.get("_routing_rule") for p in parts if p.get("_routing_rule")}
     merged["_routing_rule"] = rules.pop() if len(rules) == 1 else None
     return merged

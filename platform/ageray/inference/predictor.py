@@ -23,6 +23,7 @@ name               shape      what
                               other rule from them without another forward pass
 ``gender``         (B, G)     flip-averaged gender probabilities (multi-task models)
 ``race``           (B, R)     flip-averaged race probabilities (multi-task models)
+``group``          (B, N)     flip-averaged race-gender group probabilities (hybrid net)
 =================  =========  ==========================================================
 """
 
@@ -70,6 +71,8 @@ class RoutedPredictor(nn.Module):
             names.append("features")
         if getattr(self.model.cfg, "multitask", "none") != "none":  # type: ignore[union-attr]
             names += ["gender", "race"]
+        if getattr(self.model.cfg, "multitask", "none") == "hybrid":  # type: ignore[union-attr]
+            names.append("group")
         return names
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -88,6 +91,7 @@ class RoutedPredictor(nn.Module):
             "features": pred.features,
             "gender": pred.gender,
             "race": pred.race,
+            "group": pred.group,
         }
         for h, res in pred.heads.items():
             out[f"age_{h}"] = res["age"]
