@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ __all__ = [
     "FORMATS",
     "PORTABLE_OPS",
     "check_ops",
+    "ensure_onnx",
     "export_model",
     "export_onnx",
     "export_torchscript",
@@ -87,11 +89,19 @@ def _quiet() -> Any:
     """Hide the exporters' expected warnings: TorchScript's deprecation notices and the
     tracer's notes on shape checks (the input size is fixed by design; the batch axis is
     what stays dynamic, and the parity check runs two batch sizes to prove it)."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", UserWarning)
-        yield
+        for lg in loggers:  # the ONNX optimiser logs every initializer it merges
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _sha256(path: Path) -> str:
@@ -344,11 +354,12 @@ def parity(
     tolerance: float = TOLERANCE,
     batch_sizes: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Compare ``backend`` with the eager ``predictor`` on ``images``, run whole and in
-    chunks of another size (the dynamic batch axis): per output the largest absolute
-    difference, and how many answering heads differ. Raises past ``tolerance``."""
+    """Compare ``backend`` with the eager ``predictor`` on ``images``, run in chunks of
+    each of ``batch_sizes`` (default 1, 7 and all: the dynamic batch axis): per output the
+    largest absolute difference, and how many answering heads differ. Raises past
+    ``tolerance``."""
     x = images.float().cpu()
-    sizes = list(batch_sizes or sorted({len(x), max(1, min(7, len(x) - 1))}))
+    sizes = list(batch_sizes or sorted({1, min(7, len(x)), len(x)}))
     with torch.inference_mode():
         ref = {k: v.float().numpy() for k, v in predictor.named(x).items()}
     worst: dict[str, float] = {}
@@ -392,3 +403,20 @@ def find_export(model_dir: str | Path, fmt: str = "onnx") -> Path | None:
     if recorded != _sha256(folder / "model.safetensors"):
         return None
     return path
+
+
+def ensure_onnx(model_dir: str | Path, dst: str | Path | None = None) -> Path:
+    """An ONNX file for the model in ``model_dir``: the export logged with it
+    (:func:`find_export`) copied to ``dst`` (the folder may be a download about to be
+    removed), or a fresh, checked export there. ``dst`` defaults to a temporary folder."""
+    import shutil
+    import tempfile
+
+    out = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="ageray-onnx-"))
+    out.mkdir(parents=True, exist_ok=True)
+    found = find_export(model_dir, "onnx")
+    if found is not None:
+        shutil.copy2(found, out / found.name)
+        shutil.copy2(found.parent / EXPORT_INFO, out / EXPORT_INFO)
+        return out / found.name
+    return Path(export_model(model_dir, out, fmt="onnx")["path"])

@@ -65,7 +65,11 @@ def load_predictor(
                 (folder / rel).write_bytes(data)
         else:
             folder = resolve_model_dir(str(model), dst=tmp)
-        onnx_path = _onnx_for(folder) if backend == "onnxruntime" else None
+        onnx_path = None
+        if backend == "onnxruntime":
+            from ageray.export import ensure_onnx
+
+            onnx_path = ensure_onnx(folder)
         return ImagePredictor.load(
             folder,
             device=device,
@@ -77,21 +81,6 @@ def load_predictor(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _onnx_for(folder: Path) -> str:
-    """The logged ONNX export of these weights, copied out of ``folder`` (which may be a
-    download about to be removed), or a fresh export."""
-    import shutil
-
-    from ageray.export import export_model, find_export
-
-    out = Path(tempfile.mkdtemp(prefix="ageray-onnx-"))
-    found = find_export(folder, "onnx")
-    if found is not None:
-        shutil.copy2(found, out / found.name)
-        return str(out / found.name)
-    return export_model(folder, out, fmt="onnx")["path"]
 
 
 class BatchPredictor:

@@ -7,8 +7,8 @@ ImagePredictor`): alignment as trained, the JPEG draft decode and evaluation's p
 in front), GLAE's test protocol in one forward (image and flip, both heads, the model's
 routing rule) and the answer row, so the endpoint answers exactly what ``jobs.evaluate``
 measured and ``jobs.predict`` writes. ``backend`` picks who runs the forward: eager PyTorch
-(``torch``, the default) or the ONNX export in ONNX Runtime (``onnxruntime``; the model is
-exported when the replica loads it, with the same parity check as ``jobs.export``).
+(``torch``, the default) or the ONNX export in ONNX Runtime (``onnxruntime``: the export
+``jobs.export`` logged with the model, or one made when the replica loads it).
 """
 
 from __future__ import annotations
@@ -171,9 +171,10 @@ def load_served_model(
     For an alias the version is resolved first and exactly that version is downloaded, so
     the version reported with every answer is the one whose weights answer (an alias moved
     during the download cannot mix them up). Downloads go to a temporary folder that is
-    removed once the weights are in memory. ``backend="onnxruntime"`` exports the loaded
-    model to ONNX (:func:`ageray.export.export_onnx`, parity-checked) and answers with
-    ONNX Runtime on ``threads`` intra-op threads; CPU only.
+    removed once the weights are in memory. ``backend="onnxruntime"`` answers with ONNX
+    Runtime on ``threads`` intra-op threads (CPU only), from the ONNX export logged with
+    the model (``jobs.export``) when it matches these weights, else from an export made
+    now (:func:`ageray.export.ensure_onnx`: op and parity checks as ``jobs.export``).
     """
     from ageray.inference import InputSpec, make_aligner, make_backend
     from ageray.model import load_model
@@ -183,12 +184,14 @@ def load_served_model(
     fetch = uri
     if uri.startswith("models:/") and reg.get("name") and reg.get("version"):
         fetch = f"models:/{reg['name']}/{reg['version']}"
+    if backend == "onnxruntime":
+        if device not in ("auto", "cpu"):
+            raise ValueError(
+                f"serving backend onnxruntime runs on the CPU, but device={device!r}; set "
+                "device: cpu (or auto), or backend: torch for a GPU replica"
+            )
+        device = "cpu"
     dev = _resolve_device(device)
-    if backend == "onnxruntime" and dev.type != "cpu":
-        raise ValueError(
-            f"serving backend onnxruntime runs on the CPU, but device={device!r} resolved to "
-            f"{dev}; set device: cpu, or backend: torch for a GPU replica"
-        )
     tmp = None
     try:
         if "://" in fetch or ":/" in fetch:
@@ -197,6 +200,11 @@ def load_served_model(
         else:
             folder = resolve_model_dir(fetch)
         model, info = load_model(folder, map_location=dev)
+        onnx_path = None
+        if backend == "onnxruntime":  # the export logged with these weights, else one now
+            from ageray.export import ensure_onnx
+
+            onnx_path = ensure_onnx(folder, tempfile.mkdtemp(prefix="ageray-serve-onnx-"))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,12 +218,6 @@ def load_served_model(
     # save_model(cfg=None) writes "normalize": null; the model was then built and evaluated
     # with the DataConfig default, which is what InputSpec falls back to as well.
     data_cfg = spec.data_config()
-    onnx_path = None
-    if backend == "onnxruntime":
-        from ageray.export import export_onnx
-
-        onnx_dir = tempfile.mkdtemp(prefix="ageray-serve-onnx-")
-        onnx_path = export_onnx(model, onnx_dir, info=info)["path"]
     aligner = make_aligner(spec)
     path = ImagePredictor(
         backend=make_backend(model, backend, device=str(dev), onnx_path=onnx_path, threads=threads),
@@ -280,8 +282,8 @@ def build_prediction(
 
     ``{"age", "head", "heads": {name: {"age", "kl"}}, "interval": {"level", "low", "high"},
     "rule", "model": {...}, "timing_ms": {...}}`` plus ``distribution`` (101 probabilities
-    over ages 0..100) on request, ``gender`` / ``race`` (``{"index", "probs"}``) for
-    multi-task models, ``face`` when detection ran, and ``batch_size`` (how many images
+    over ages 0..100) on request, ``gender`` / ``race`` (``{"label", "index", "probs"}``)
+    for multi-task models, ``face`` when detection ran, and ``batch_size`` (how many images
     shared the forward pass).
     """
 
@@ -308,7 +310,11 @@ def build_prediction(
     }
     for group in ("gender", "race"):
         if result.get(group) is not None:
-            out[group] = {"index": int(result[group]), "probs": list(result[f"{group}_probs"])}
+            out[group] = {
+                "label": result.get(f"{group}_label"),
+                "index": int(result[group]),
+                "probs": list(result[f"{group}_probs"]),
+            }
     if distribution:
         probs = result.get("distribution")
         out["distribution"] = None if probs is None else [float(p) for p in probs.tolist()]
