@@ -86,6 +86,7 @@ from ageray.serving import (
     warmup,
 )
 from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
+from ageray.serving.schema import PREDICT_RESPONSES
 
 log = logging.getLogger("ray.serve")
 
@@ -432,6 +433,7 @@ class AgeEstimator:
         "/v1/predict",
         summary="Estimate the age of one or several face images",
         openapi_extra=_PREDICT_BODY,
+        responses=PREDICT_RESPONSES,
     )
     async def predict(
         self,

@@ -609,6 +609,45 @@ def test_failed_swap_keeps_the_old_model(endpoint: Endpoint, faces) -> None:
     assert endpoint.model_info()["swap_error"] is None
 
 
+def test_multitask_model_answers_gender_and_race(endpoint: Endpoint, faces, tmp_path: Path) -> None:
+    """A multi-task model (Xing's parallel net) answers gender and race (label, code,
+    probabilities) through the endpoint, and /openapi.json documents both fields."""
+    from ageray.data.labels import GENDERS, RACES
+    from ageray.model import build_model, save_model
+
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.model.backbone, cfg.model.head = "test_resnet", "linear"
+    cfg.model.formulation, cfg.model.multitask = "mae", "parallel"
+    folder = save_model(build_model(cfg), tmp_path / "parallel", cfg)
+    url = endpoint.url("/v1/predict")
+    try:
+        endpoint.deploy({**BASE_UC, "model_uri": str(folder)}, wait=False)
+        wait_until(
+            lambda: (
+                (endpoint.model_info().get("config") or {}).get("model", {}).get("multitask")
+                == "parallel"
+            )
+        )
+        r = httpx.post(url, content=faces[0], headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        for trait, names in (("gender", GENDERS), ("race", RACES)):
+            got = answer[trait]
+            assert len(got["probs"]) == len(names)
+            assert sum(got["probs"]) == pytest.approx(1.0, abs=1e-5)
+            assert got["index"] == int(np.argmax(got["probs"]))
+            assert got["label"] == names[got["index"]]
+    finally:
+        endpoint.deploy(BASE_UC)
+    assert endpoint.model_info()["version"] == "1"
+    schema = httpx.get(endpoint.url("/openapi.json")).json()
+    ok = schema["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]
+    one = ok["application/json"]["schema"]["oneOf"][0]["properties"]
+    assert one["gender"]["properties"]["label"]["enum"] == list(GENDERS)
+    assert one["race"]["properties"]["label"]["enum"] == list(RACES)
+
+
 def test_alias_move_is_picked_up_with_reload(endpoint: Endpoint, registry: Registry) -> None:
     """models:/<name>@prod stays the URI; moving the alias and bumping `reload` in
     user_config swaps the version in place."""

@@ -19,8 +19,10 @@ field                 meaning
 ``rule``              the routing rule that answered (``smaller`` = GLAE eq. 11, ...)
 ``age_<head>``        each head's flip-averaged answer (None when the model lacks the head)
 ``kl_<head>``         each head's KL(p || p_flip), the flip consistency AR compares
-``gender``/``race``   index of the most likely class (multi-task models; else None) and
-``*_probs``           the class probabilities
+``gender``/``race``   index of the most likely class (multi-task models; else None),
+``*_label``           its name (``ageray.data.labels``: male/female; white, black, asian,
+                      indian, other) and
+``*_probs``           the class probabilities, in the order of those names
 ``face_found/box``    alignment only: whether a face was detected and its box
 ``distribution``      the routed distribution over ages 0..K-1 (on request)
 ``error``             why the image could not be used (then every answer field is None)
@@ -33,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from ageray.data.labels import GENDERS, RACES
 
 __all__ = [
     "HEADS",
@@ -61,8 +65,10 @@ ROW_FIELDS = (
     "age_balanced",
     "kl_balanced",
     "gender",
+    "gender_label",
     "gender_probs",
     "race",
+    "race_label",
     "race_probs",
     "face_found",
     "face_box",
@@ -93,12 +99,17 @@ def _floats(a: np.ndarray | None, n: int) -> list[float | None]:
     return [float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
 
 
-def _groups(probs: np.ndarray | None, n: int) -> tuple[list[Any], list[Any]]:
-    """Hook for multi-task answers: (class index, probabilities) per row, or Nones."""
+def _groups(
+    probs: np.ndarray | None, n: int, names: Sequence[str]
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Multi-task answers: (class index, its name, probabilities) per row, or Nones. A model
+    with more classes than ``names`` names the others by their index."""
     if probs is None:
-        return [None] * n, [None] * n
+        return [None] * n, [None] * n, [None] * n
     p = np.asarray(probs, dtype=np.float64)
-    return [int(i) for i in p.argmax(1)], [row.tolist() for row in p]
+    index = [int(i) for i in p.argmax(1)]
+    labels = [names[i] if i < len(names) else str(i) for i in index]
+    return index, labels, [row.tolist() for row in p]
 
 
 def answer_rows(
@@ -136,8 +147,9 @@ def answer_rows(
     for h in HEADS:
         cols[f"age_{h}"] = _floats(outputs.get(f"age_{h}"), n)
         cols[f"kl_{h}"] = _floats(outputs.get(f"kl_{h}"), n)
-    cols["gender"], cols["gender_probs"] = _groups(outputs.get("gender"), n)
-    cols["race"], cols["race_probs"] = _groups(outputs.get("race"), n)
+    for trait, names in (("gender", GENDERS), ("race", RACES)):
+        index, labels, probs_ = _groups(outputs.get(trait), n, names)
+        cols[trait], cols[f"{trait}_label"], cols[f"{trait}_probs"] = index, labels, probs_
     rows: list[dict[str, Any]] = []
     for i in range(n):
         face = faces[i] if faces is not None else None
@@ -175,6 +187,8 @@ def arrow_schema(distribution: bool = False) -> Any:
         "rule": pa.string(),
         "gender": pa.int64(),
         "race": pa.int64(),
+        "gender_label": pa.string(),
+        "race_label": pa.string(),
         "gender_probs": probs,
         "race_probs": probs,
         "face_found": pa.bool_(),
