@@ -83,6 +83,10 @@ def setup_logging(verbose_: bool | None = None) -> None:
         level=os.environ.get("AGERAY_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from ageray.redaction import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # no credentials in any library's log line
+        handler.addFilter(RedactingFilter())
     for noisy in ("urllib3", "botocore", "alembic", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if loud:

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
+    from ageray.redaction import redact
     from ageray.tracking import Tracker
     from ageray.training.pipeline import PipelineError, run_pipeline
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if result.eval_dir is not None:
         print(f"  report:  {result.eval_dir / 'report.md'}")
-    print(f"  MLflow:  mlflow ui --backend-store-uri {tracker.uri}")
+    print(f"  MLflow:  mlflow ui --backend-store-uri {redact(tracker.uri)}")
     return 0
 
 

@@ -14,7 +14,8 @@ Rules this module keeps:
 * **Models**: a model is a folder (``model.safetensors`` + ``model.json``) logged with a pyfunc
   wrapper written as *code* (MLflow "models from code"), so loading it never unpickles an
   object; it is registered under the configured name with an alias (``candidate``).
-* **Secrets**: credentials live only in the environment; nothing from it is logged.
+* **Secrets**: credentials live in the environment or in URIs; every param, tag, text
+  artifact and message on its way out is redacted (``ageray.redaction``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ageray.config import Config, dump_yaml, flatten, to_dict
+from ageray.redaction import http_request, redact, redact_data, redacted_path
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,12 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
     """Fail fast with a clear message when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    request = http_request(uri.rstrip("/") + "/health")  # user:password as a header
     deadline = time.time() + timeout
     last: Exception | None = None
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=min(5.0, timeout)) as resp:
+            with urllib.request.urlopen(request, timeout=min(5.0, timeout)) as resp:
                 if resp.status == 200:
                     return
         except urllib.error.HTTPError as exc:
@@ -113,9 +115,10 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
             last = exc
         time.sleep(0.5)
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is not reachable ({last}). Start it (mlflow server "
-        "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000), fix "
-        "tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the embedded local store."
+        f"MLflow tracking server {redact(uri)} is not reachable ({redact(str(last))}). "
+        "Start it (mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 "
+        "--port 5000), fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the "
+        "embedded local store."
     )
 
 
@@ -199,7 +202,9 @@ class RunLogger:
                 self._c().log_batch(self.run_id, metrics=items[i : i + 500])
         except Exception as exc:  # network blips must not kill training
             if not self._warned:
-                log.warning("MLflow metric logging to %s failed: %s", self.uri, exc)
+                log.warning(
+                    "MLflow metric logging to %s failed: %s", redact(self.uri), redact(str(exc))
+                )
                 self._warned = True
 
     def logged_steps(self, key: str = "epoch") -> set[int]:
@@ -265,6 +270,8 @@ class Tracker:
         if not self.enabled:
             return
         check_tracking(self.uri)
+        if redact(self.uri) != self.uri:  # MLflow prints run links with the URI as given
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
@@ -284,8 +291,8 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
         except Exception as exc:
             raise TrackingUnavailable(
-                f"MLflow at {self.uri} refused the experiment "
-                f"{self.cfg.tracking.experiment!r}: {exc}"
+                f"MLflow at {redact(self.uri)} refused the experiment "
+                f"{self.cfg.tracking.experiment!r}: {redact(str(exc))}"
             ) from exc
 
     # --------------------------------------------------------------- runs
@@ -413,10 +420,10 @@ class Tracker:
         params["git.commit"] = git_commit()
         params.update({f"version.{k}": v for k, v in package_versions().items()})
         params.update(extra or {})
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
-        self.client.log_text(run_id, dump_yaml(self.cfg), "config/resolved.yaml")
+        self.client.log_text(run_id, redact(dump_yaml(self.cfg)), "config/resolved.yaml")
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         if not (self.enabled and run_id):
@@ -425,7 +432,7 @@ class Tracker:
 
         existing = self.client.get_run(run_id).data.params
         items = [
-            Param(k, str(v)[:6000])
+            Param(k, redact(str(v))[:6000])
             for k, v in params.items()
             if k not in existing  # MLflow params are immutable; resumed runs re-log
         ]
@@ -438,7 +445,7 @@ class Tracker:
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         if self.enabled and run_id:
             for k, v in tags.items():
-                self.client.set_tag(run_id, k, str(v))
+                self.client.set_tag(run_id, k, redact(str(v)))
 
     def delete_tags(self, run_id: str | None, keys: Iterable[str]) -> None:
         """Remove tags that no longer hold (a stale error after a successful retry)."""
@@ -453,15 +460,15 @@ class Tracker:
     def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None):
         if not (self.enabled and run_id):
             return
-        p = Path(path)
-        if p.is_dir():
-            self.client.log_artifacts(run_id, str(p), artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(p), artifact_path)
+        with redacted_path(path) as p:  # the local files keep what they hold
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(p), artifact_path)
 
     def log_dict(self, run_id: str | None, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled and run_id:
-            self.client.log_dict(run_id, dict(data), artifact_file)
+            self.client.log_dict(run_id, redact_data(dict(data)), artifact_file)
 
     def log_manifest(self, run_id: str | None, manifest: Mapping[str, Any], name: str) -> str:
         """Log a dataset manifest and its digest param; returns the digest."""
@@ -474,8 +481,8 @@ class Tracker:
         if not run_id:
             return "(tracking disabled)"
         if self.uri.startswith("http"):
-            return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"{self.uri} run {run_id}"
+            return f"{redact(self.uri)}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{redact(self.uri)} run {run_id}"
 
 
 # --------------------------------------------------------------------------- models

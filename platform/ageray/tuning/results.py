@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ageray.config import Config, config_from_dict, dump_yaml, get_dotted, set_dotted
+from ageray.redaction import redact
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec, finite_number
 from ageray.tuning.plots import plot_curves, plot_metric_vs_params
 from ageray.tuning.records import TrialRecord, best_record
@@ -354,7 +355,7 @@ def format_summary(o: SearchOutcome, command: str = "python -m tuning.search") -
         lines.append(f"  recipe:  {o.best_recipe}")
         lines.append(f"           python -m jobs.train --config {o.best_recipe}")
     if o.parent_run_id:
-        lines.append(f"  MLflow:  parent run {o.parent_run_id} ({o.tracking_uri})")
+        lines.append(f"  MLflow:  parent run {o.parent_run_id} ({redact(o.tracking_uri or '')})")
     lines.append(f"  Tune:    {o.experiment_path}")
     if o.interrupted:
         lines.append(f"  resume:  {command} ... --name {o.name} --resume")
