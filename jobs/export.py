@@ -86,6 +86,9 @@ def log_export(model_uri: str, fmt: str, folder: Path) -> str | None:
     if reg.get("name") and reg.get("version"):
         mv = client.get_model_version(reg["name"], reg["version"])
         model_id = getattr(mv, "model_id", None)
+        source = str(mv.source or "")
+        if not model_id and source.startswith("models:/m-"):  # a REST server may omit it
+            model_id = source[len("models:/") :].split("/", 1)[0]
     elif model_uri.startswith("models:/m-"):
         model_id = model_uri[len("models:/") :].split("/", 1)[0]
     run_id = reg.get("run_id")

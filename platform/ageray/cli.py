@@ -18,6 +18,8 @@ VERBS = {
     "pretrain": "jobs.pretrain",
     "train": "jobs.train",
     "evaluate": "jobs.evaluate",
+    "predict": "jobs.predict",
+    "export": "jobs.export",
     "demo": "jobs.demo",
     "tune": "tuning.search",
 }
