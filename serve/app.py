@@ -47,9 +47,22 @@ builder) sets that callback for the local Ray that ``serve run`` starts; a clust
 in its environment (README, Operations).
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``,
-OpenAPI at ``/docs``. With ``AGERAY_API_TOKEN`` set (the variable name is the
-``auth_token_env`` setting), ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/healthz``,
-``/readyz`` and the docs stay open so probes and humans need no secret.
+the web page at ``/`` (``ageray.serving.page``: upload, drag-and-drop or camera; it calls
+``/v1/predict`` like any client), OpenAPI at ``/docs``. With ``AGERAY_API_TOKEN`` set (the
+variable name is the ``auth_token_env`` setting), ``/v1/*`` needs ``Authorization: Bearer
+<token>``; ``/healthz``, ``/readyz``, the page and the docs stay open so probes and humans
+need no secret (the page has a token field). ``require_auth: true`` refuses to start
+without a token (fail closed).
+
+Following an alias: deployed on ``models:/<name>@<alias>`` the replica asks the registry
+every ``model_poll_s`` seconds where the alias points and, when it moved (``jobs.promote``
+moves ``champion``), swaps the new version in through the same in-place swap as a
+redeploy. Every answer names the version that computed it.
+
+Metrics (``ageray.serving.metrics``): requests by route and status, images, batch sizes,
+queue wait, forward time, answers by head, predicted ages and the served version, recorded
+with ``ray.serve.metrics`` and exported by Ray in Prometheus format on each node's metrics
+export port.
 """
 
 import asyncio
@@ -62,7 +75,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
@@ -86,6 +99,8 @@ from ageray.serving import (
     warmup,
 )
 from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
+from ageray.serving.metrics import RequestMetrics, ServeMetrics
+from ageray.serving.page import PAGE_HEADERS, render_index, static_file
 from ageray.serving.schema import PREDICT_RESPONSES
 
 log = logging.getLogger("ray.serve")
@@ -114,6 +129,9 @@ api = FastAPI(
 GUARD_LIMITS = LiveLimits()
 GUARD_COUNTS = GuardCounts()
 api.add_middleware(RequestGuard, limits=GUARD_LIMITS, where="app", counts=GUARD_COUNTS)
+# Outermost (added last): counts every answer, the guard's refusals included.
+METRICS = ServeMetrics()
+api.add_middleware(RequestMetrics, metrics=METRICS)
 
 _PREDICT_BODY = {
     "requestBody": {
@@ -216,6 +234,7 @@ class AgeEstimator:
                 f"(serve run serve.app:app model_uri=...) or set {MODEL_URI_ENV}"
             )
         self._init_settings = ServeSettings.from_mapping({**(settings or {}), "model_uri": uri})
+        self._init_settings.check_auth_configured()  # fail closed before loading anything
         self._settings = self._init_settings
         self._ready = False
         self._served: ServedModel | None = None
@@ -239,6 +258,7 @@ class AgeEstimator:
             )
         self._served = self._load(uri, self._settings)
         self._ready = True
+        self._poll_task = self._start_alias_poll()
 
     # ------------------------------------------------------------------ config
     def _apply_runtime_settings(self) -> None:
@@ -266,6 +286,8 @@ class AgeEstimator:
             threads=settings.torch_threads,
         )
         warm_ms = warmup(served, settings.warmup_batch_sizes, settings.rule)
+        ref = served.model_ref()
+        METRICS.model(ref.get("name"), ref.get("version"), ref.get("alias"))
         log.info(
             "ageray: loaded %s version %s on %s (%s) in %.0f ms (warm-up %.0f ms)",
             served.registry.get("name"),
@@ -294,6 +316,7 @@ class AgeEstimator:
             new = ServeSettings.from_mapping(user_config or {}, base=self._init_settings)
             if not new.model_uri:
                 new.model_uri = self._init_settings.model_uri
+            new.check_auth_configured()
             current = self._served
             try:
                 served = await self._maybe_load(new, current)
@@ -344,6 +367,52 @@ class AgeEstimator:
             return None
         return await asyncio.to_thread(self._load, new.model_uri, new, reg or None)
 
+    # ------------------------------------------------------------------ alias
+    def _start_alias_poll(self) -> asyncio.Task | None:
+        """The background task that follows ``models:/<name>@<alias>`` (see the module
+        docstring). The constructor runs on the replica's event loop; outside one (a test
+        building the class directly) there is nothing to follow with."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return loop.create_task(self._follow_alias())
+
+    async def _follow_alias(self) -> None:
+        last_error: str | None = None
+        while True:
+            settings = self._settings  # reconfigure may change the interval or the URI
+            await asyncio.sleep(settings.model_poll_s if settings.follows_alias() else 5.0)
+            if not self._settings.follows_alias() or self._served is None:
+                continue
+            try:
+                await self._follow_once()
+                last_error = None
+            except Exception as exc:  # registry down: keep serving, say it once
+                text = f"{type(exc).__name__}: {exc}"
+                if text != last_error:
+                    log.warning("ageray: following %s failed: %s", settings.model_uri, text)
+                last_error = text
+
+    async def _follow_once(self) -> bool:
+        """One poll: swap in the version the alias points to now, if it moved. Under the
+        swap lock, so it never interleaves with a reconfigure."""
+        async with self._swap_lock:
+            current = self._served
+            served = await self._maybe_load(self._settings, current)
+            if served is None:
+                return False
+            old = current.registry.get("version") if current is not None else None
+            self._served = served
+            self._swap_error = None
+            log.info(
+                "ageray: %s moved from version %s to %s; swapped in place",
+                self._settings.model_uri,
+                old,
+                served.registry.get("version"),
+            )
+            return True
+
     def check_health(self) -> None:
         """Serve's periodic health check: unhealthy only without a model (bad requests
         are answered 4xx and never make a replica unhealthy)."""
@@ -371,6 +440,11 @@ class AgeEstimator:
             finally:
                 ended = time.perf_counter()
                 self._window.finished(len(idx), ended - started)
+            METRICS.batch(
+                len(idx),
+                (ended - started) * 1000.0,
+                [(started - items[i].enqueued) * 1000.0 for i in idx],
+            )
             for j, i in enumerate(idx):
                 meta = {
                     "queue_ms": (started - items[i].enqueued) * 1000.0,
@@ -403,6 +477,17 @@ class AgeEstimator:
         return served.model_input(data, name, limits)
 
     # ------------------------------------------------------------------ routes
+    @api.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        """The web page (open: it holds no data; its calls to /v1/* carry the token)."""
+        html = render_index(request.scope.get("root_path", ""))
+        return HTMLResponse(html, headers=PAGE_HEADERS)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        body, media_type = static_file(name)
+        return Response(body, media_type=media_type, headers=PAGE_HEADERS)
+
     @api.get("/healthz", summary="Liveness (open, no auth)")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -486,6 +571,8 @@ class AgeEstimator:
                     batch_size=meta["batch_size"],
                 )
             )
+        for a in answers:
+            METRICS.answer(a["head"], a["age"])
         return JSONResponse({"predictions": answers} if parsed.many else answers[0])
 
 
