@@ -7,6 +7,14 @@ plus manifest.json, in a local folder or under s3://bucket/prefix.
     python -m jobs.make_shards --source appa-real --input data/appa-real-release \\
         --label apparent --splits test=1 --output runs/shards/appa-test
 
+Evaluation protocols of the papers (ageray.data.protocols; the manifest records which):
+
+    --splits train=0.8,val=0.1,test=0.1 --split-by identity   # default: nobody in two splits
+    --splits train=0.8,val=0.1,test=0.1 --split-by random     # Morph II "random 80-20"
+    --folds 5 --fold 0                  # k-fold (Xing): fold 0 tests, val from the others
+    --lopo --fold 0                     # FG-NET leave one person out: person 0 tests
+    --splits-from official.csv          # a data set's own list: "name,split" per line
+
 Splits are deterministic (by identity when the source has identities, so nobody is in two
 splits; else by key), shards are written atomically and a re-run replaces the previous
 output (same names, stale shards removed, manifest last). Importer-specific settings go
@@ -106,6 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits",
         default="train=0.8,val=0.1,test=0.1",
         help="name=fraction,... summing to 1 (default: %(default)s; test=1 for a test-only set)",
+    )
+    p.add_argument(
+        "--split-by",
+        choices=("identity", "random"),
+        default="identity",
+        help="the unit kept in one split: identity (nobody in two splits; samples without "
+        "one alone) or random (every sample alone: Morph's random 80-20) (%(default)s)",
+    )
+    p.add_argument(
+        "--folds", type=positive_int, default=None, help="k-fold: K folds (with --fold i)"
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="k-fold / LOPO: the fold (0-based) that is the test split",
+    )
+    p.add_argument(
+        "--lopo",
+        action="store_true",
+        help="leave one person out (FG-NET): --fold i holds out the i-th identity (sorted)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="k-fold / LOPO: share of the training folds' groups used for validation (%(default)s)",
+    )
+    p.add_argument(
+        "--splits-from",
+        metavar="FILE",
+        help="official split list: 'name,split' per line (name = sample key, file name or "
+        "identity); samples it does not name are dropped (counted)",
     )
     p.add_argument(
         "--align",
@@ -212,13 +253,17 @@ def _usage_error(message: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ageray.data.importers import IMPORTERS
     from ageray.data.manifest import summarize
-    from ageray.data.records import ImportReport, printable
+    from ageray.data.records import ImportReport, InputError, printable
     from ageray.data.shards import align_transform, write_shards
     from ageray.data.splits import parse_splits
 
     try:
         splits = parse_splits(args.splits)
     except ValueError as exc:
+        return _usage_error(str(exc))
+    try:
+        protocol = _protocol(args, splits)
+    except (InputError, OSError) as exc:
         return _usage_error(str(exc))
     if args.source != "synthetic" and not args.input:
         return _usage_error(f"--input is required for --source {args.source}")
@@ -282,6 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         verify_images=not args.no_verify,
         multipart_threshold=args.multipart_threshold,
         progress=not args.quiet,
+        protocol=protocol,
     )
     print(report.summary())
     print(summarize(manifest, printable(args.output)))
@@ -295,6 +341,30 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _protocol(args: argparse.Namespace, splits: dict[str, float]) -> Any:
+    """The split protocol the flags name (``ageray.data.protocols.SplitProtocol``)."""
+    from ageray.data import storage
+    from ageray.data.protocols import SplitProtocol, read_split_list
+
+    split_list = None
+    if args.splits_from:
+        if not storage.exists(args.splits_from):
+            raise OSError(f"--splits-from {args.splits_from!r} does not exist")
+        text = storage.read_bytes(args.splits_from).decode("utf-8-sig")
+        split_list = read_split_list(text, args.splits_from)
+    return SplitProtocol(
+        fractions=splits,
+        split_by=args.split_by,
+        folds=args.folds,
+        fold=args.fold,
+        lopo=args.lopo,
+        split_list=split_list,
+        split_list_source=args.splits_from or "",
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
 
 
 if __name__ == "__main__":

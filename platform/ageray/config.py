@@ -410,10 +410,12 @@ class Config:
                 f"routing.fit={r.fit}: {bad} need no fitting or do not exist; fitted rules "
                 f"are {list(FITTED_ROUTING_RULES)}"
             )
-        if r.fit_split == self.data.test_split:
+        if r.fit_split in (self.data.test_split, self.eval.split):
             raise ConfigError(
-                f"routing.fit_split={r.fit_split!r} is the test split: routers are fitted on "
-                "a held-out split (val), never on the data they are scored on"
+                f"routing.fit_split={r.fit_split!r} is the split the evaluation scores "
+                f"(data.test_split={self.data.test_split!r}, eval.split={self.eval.split!r}): "
+                "routers are fitted on a held-out split (val), never on the data they are "
+                "scored on"
             )
         if r.hidden < 0 or r.steps < 1 or r.weight_decay < 0:
             raise ConfigError(

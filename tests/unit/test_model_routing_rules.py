@@ -387,7 +387,7 @@ def test_config_routing_section_matches_the_registry() -> None:
     assert rules_to_fit(load_config(None, ["routing.fit=[]"]).routing) == {}
     with pytest.raises(ConfigError, match="never served"):
         load_config(None, ["routing.rule=oracle"])
-    with pytest.raises(ConfigError, match="is the test split"):
+    with pytest.raises(ConfigError, match="the split the evaluation scores"):
         load_config(None, ["routing.fit_split=test"])
     with pytest.raises(ConfigError, match=r"\['smaller'\] need no fitting"):
         load_config(None, ["routing.fit=[smaller]"])

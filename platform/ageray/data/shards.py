@@ -14,7 +14,8 @@ is one copy of the (aligned) images under the temp folder. The importer runs onc
 report is counted once.
 
 **Splits.** By identity when the record has one (nobody spans two splits), else by key, with
-the rule of ``ageray.data.splits`` (stable when a data set grows).
+the rule of ``ageray.data.splits`` (stable when a data set grows); or by one of the papers'
+protocols (``ageray.data.protocols``: random, k-fold, leave one person out, an official list).
 
 **Order and shard boundaries.** Within a split, samples are ordered by ``sha256(seed, key)``
 (a fixed shuffle), except that the first sample of every age class comes first: the first
@@ -71,9 +72,10 @@ from ageray.data.manifest import (
     split_stats,
     write_manifest,
 )
+from ageray.data.protocols import SplitProtocol
 from ageray.data.records import ImportReport, Record, printable
 from ageray.data.samplers import age_class
-from ageray.data.splits import DEFAULT_SPLITS, assign_split, parse_splits, stable_unit
+from ageray.data.splits import DEFAULT_SPLITS, parse_splits, stable_unit
 from ageray.data.transforms import CorruptImageError, decode_image
 
 __all__ = ["align_transform", "write_shards"]
@@ -393,6 +395,7 @@ def write_shards(
     num_classes: int = 101,
     progress: bool = True,
     tmp_dir: str | None = None,
+    protocol: SplitProtocol | None = None,
 ) -> dict[str, Any]:
     """Write ``records`` as split tar shards + ``manifest.json`` under ``output`` (a folder
     or ``s3://bucket/prefix``) and return the manifest.
@@ -404,10 +407,14 @@ def write_shards(
     ``report`` is the importer's report, stored under ``"import"``; pass it after the
     importer has been consumed (the writer consumes ``records`` before writing the manifest).
     ``verify_images`` decodes every image once so corrupt files are dropped here (counted by
-    reason) instead of in every training epoch. See the module docstring for the rules.
+    reason) instead of in every training epoch. ``protocol`` (``ageray.data.protocols``:
+    by identity or at random, k-fold, leave one person out, an official list) decides the
+    splits instead of ``splits`` and ``seed``. See the module docstring for the rules.
     """
     output = str(output).rstrip("/") if storage.is_s3(output) else str(output)
     fractions = parse_splits(splits)
+    if protocol is None:
+        protocol = SplitProtocol(fractions=fractions, seed=seed)
     if max_count < 1:
         raise ValueError(f"max_count={max_count} must be at least 1")
     if max_bytes < 4 * _BLOCK:
@@ -430,7 +437,7 @@ def write_shards(
             manifest = _pass2(
                 staging,
                 output,
-                fractions=fractions,
+                protocol=protocol,
                 max_count=max_count,
                 max_bytes=max_bytes,
                 workers=workers,
@@ -445,7 +452,10 @@ def write_shards(
                     "input": printable(str(input)),
                     "options": {
                         **dict(options or {}),
-                        "splits": fractions,
+                        "splits": dict(protocol.fractions)
+                        if protocol.name == "fractions"
+                        else None,
+                        "protocol": protocol.describe(),
                         "seed": seed,
                         "max_count": max_count,
                         "max_bytes": max_bytes,
@@ -522,7 +532,7 @@ def _pass2(
     staging: _Staging,
     output: str,
     *,
-    fractions: Mapping[str, float],
+    protocol: SplitProtocol,
     max_count: int,
     max_bytes: int,
     workers: int,
@@ -536,11 +546,19 @@ def _pass2(
     entries = staging.entries
     identities = sorted({e.identity for e in entries if e.identity is not None})
     identity_index = {name: i for i, name in enumerate(identities)}
-    by_split: dict[str, list[_Entry]] = {name: [] for name in fractions}
-    for e in entries:
-        group = f"identity:{e.identity}" if e.identity is not None else f"key:{e.key}"
-        by_split[assign_split(group, fractions, seed)].append(e)
+    by_split: dict[str, list[_Entry]] = {name: [] for name in protocol.split_names}
+    dropped = []
+    for e, split in zip(entries, protocol.assign([(e.key, e.identity) for e in entries])):
+        if split is None:  # an official split list that does not name this sample
+            dropped.append(e.key)
+            continue
+        by_split[split].append(e)
         e.json_len = len(_labels_json(e, identity_index))
+    if dropped:
+        footer["skipped"] = {**footer["skipped"], "not_in_split_list": len(dropped)}
+        footer["skipped_total"] += len(dropped)
+        examples = {**footer["skipped_examples"], "not_in_split_list": dropped[:5]}
+        footer["skipped_examples"] = examples
     plans: dict[str, list[_ShardPlan]] = {}
     for name, split_entries in by_split.items():
         ordered = _order_split(split_entries, seed, num_classes)
