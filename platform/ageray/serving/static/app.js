@@ -188,12 +188,15 @@
     showError("");
     status("Estimating the age of " + (file.name || "the photo") + " …");
     image = await decodeForPreview(file);
+    // multipart with the file's name, so an error message names the file the person chose
+    const form = new FormData();
+    form.append("file", file, file.name || "photo");
     let resp;
     try {
       resp = await fetch(ROOT + "/v1/predict?distribution=true", {
         method: "POST",
-        headers: headers({ "Content-Type": file.type || "application/octet-stream" }),
-        body: file,
+        headers: headers(),
+        body: form,
       });
     } catch (e) {
       showError("The service did not answer: " + e.message);

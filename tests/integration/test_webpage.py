@@ -1,0 +1,268 @@
+"""The web page in a real headless browser (Debian's chromium + chromium-driver, selenium)
+against the real Serve app: upload a real face and read the age the page shows (it must be
+the endpoint's answer for those bytes), a bad file shows the server's own error message, a
+phone-sized window needs no sideways scrolling, and with auth on the token field is what
+makes it work.
+
+CI installs chromium and chromium-driver itself (.ci/run); where they are absent the test
+skips and says how to get them. The real face comes from ../shared/data/utkface-dev.tar
+(read at run time, never copied into the repository); a synthetic face when it is absent.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import UTKFACE_TAR
+from datagen import make_tiny_model
+from services import free_port
+
+pytestmark = pytest.mark.integration
+
+TOKEN_ENV = "AGERAY_PAGE_TEST_TOKEN"
+TOKEN = "page-test-token"
+CHROME_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+)
+
+
+def _browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip(
+            "browser test: Debian's chromium and chromium-driver are not installed "
+            "(apt-get install -y chromium chromium-driver; .ci/run does it in CI)"
+        )
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = _browser_paths()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROME_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    opts.add_argument("--window-size=412,915")  # a phone screen (CSS pixels)
+    b = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+    b.set_page_load_timeout(60)
+    yield b
+    b.quit()
+
+
+@dataclass
+class Site:
+    base: str
+
+    def url(self, prefix: str, path: str = "/") -> str:
+        return f"{self.base}{prefix}{path}"
+
+
+@pytest.fixture(scope="module")
+def site(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """Two apps on one tiny model folder: /open (no auth) and /locked (a bearer token)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    model = make_tiny_model(tmp_path_factory.mktemp("page-model") / "tiny", seed=0)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    common = {"device": "cpu", "torch_threads": 1, "warmup_batch_sizes": [1]}
+    for name, prefix, settings, env in (
+        ("page-open", "/open", {"auth_token_env": "AGERAY_NO_TOKEN_HERE"}, {}),
+        (
+            "page-locked",
+            "/locked",
+            {"auth_token_env": TOKEN_ENV, "require_auth": True},
+            {TOKEN_ENV: TOKEN},
+        ),
+    ):
+        serve.run(
+            build_app(
+                str(model),
+                settings={**common, **settings},
+                num_replicas=1,
+                ray_actor_options={
+                    "num_cpus": 0.25,
+                    "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", **env}},
+                },
+            ),
+            name=name,
+            route_prefix=prefix,
+        )
+    yield Site(f"http://127.0.0.1:{port}")
+    for name in ("page-open", "page-locked"):
+        serve.delete(name)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def real_face(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One UTKFace face as a file to upload, or a synthetic face without the tarball."""
+    out = tmp_path_factory.mktemp("faces")
+    if UTKFACE_TAR.is_file():
+        with tarfile.open(UTKFACE_TAR) as tf:
+            for member in tf:
+                if member.isfile() and member.name.lower().endswith(".jpg"):
+                    path = out / Path(member.name).name
+                    path.write_bytes(tf.extractfile(member).read())
+                    return path
+    from ageray.data.synthetic import iter_synthetic
+
+    path = out / "synthetic_face.jpg"
+    path.write_bytes(next(iter(iter_synthetic(num_samples=1, image_size=128, seed=5))).image)
+    return path
+
+
+def _wait(browser: Any, script: str, timeout: float = 60.0) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = browser.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.2)
+    shot = browser.execute_script("return document.body.innerText")
+    raise TimeoutError(f"page never satisfied {script!r}; it shows:\n{shot}")
+
+
+def _upload(browser: Any, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.execute_script(
+        "document.getElementById('age').textContent = '–';"
+        "document.getElementById('error').hidden = true;"
+    )
+    browser.find_element(By.ID, "file").send_keys(str(path))
+
+
+RESULT = (
+    "const e = document.getElementById('error');"
+    "if (!e.hidden && e.textContent) return 'error: ' + e.textContent;"
+    "const a = document.getElementById('age').textContent;"
+    "return a !== '–' ? 'age: ' + a : null;"
+)
+
+
+def _answer(base_url: str, path: Path, token: str | None = None) -> httpx.Response:
+    """What the page sends: the file as multipart field ``file`` under its own name."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(
+        base_url + "/v1/predict?distribution=true",
+        files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+        headers=headers,
+        timeout=60,
+    )
+
+
+def _same_message(text: str) -> str:
+    """Messages may quote an object's repr; its address differs between two requests."""
+    return re.sub(r"0x[0-9a-f]+", "0x?", text)
+
+
+def test_upload_a_face_and_read_the_age(browser: Any, site: Site, real_face: Path) -> None:
+    browser.get(site.url("/open", "/"))
+    assert "ageray" in browser.title
+    _upload(browser, real_face)
+    shown = _wait(browser, RESULT)
+    want = _answer(site.url("/open", ""), real_face).json()
+    assert shown == f"age: {want['age']:.1f}", (shown, want["age"])
+    text = browser.execute_script("return document.getElementById('result').innerText")
+    assert want["head"] in text
+    if want.get("interval"):
+        iv = want["interval"]
+        assert f"90% interval: {iv['low']:.0f}–{iv['high']:.0f} years" in text
+    # the distribution chart and the photo are drawn (canvas pixels are not all blank)
+    for canvas in ("chart", "photo"):
+        inked = browser.execute_script(
+            "const c = document.getElementById(arguments[0]);"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;",
+            canvas,
+        )
+        assert inked > 100, canvas
+    model = browser.execute_script("return document.getElementById('model-version').textContent")
+    assert want["model"]["name"] in model
+    # usable on a phone: nothing wider than the 412 px window
+    widths = browser.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]"
+    )
+    assert widths[0] <= widths[1], widths
+
+
+def test_a_bad_file_shows_the_servers_message(
+    browser: Any, site: Site, tmp_path: Path, real_face: Path
+) -> None:
+    bad = tmp_path / "holiday.jpg"
+    bad.write_bytes(b"this is a text file, not a JPEG\n" * 4)
+    server = _answer(site.url("/open", ""), bad)
+    assert server.status_code == 400
+    message = server.json()["error"]["message"]
+    browser.get(site.url("/open", "/"))
+    _upload(browser, bad)
+    shown = _wait(browser, RESULT)
+    assert shown.startswith("error: HTTP 400") and "holiday.jpg" in shown, shown
+    assert _same_message(message) in _same_message(shown), (message, shown)
+    # and the page recovers: the next good photo is answered
+    _upload(browser, real_face)
+    assert _wait(browser, RESULT).startswith("age: ")
+
+
+def test_with_auth_the_token_field_is_what_makes_it_work(
+    browser: Any, site: Site, real_face: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(site.url("/locked", "/"))
+    browser.execute_script("window.localStorage.clear()")
+    browser.get(site.url("/locked", "/"))
+    _upload(browser, real_face)
+    shown = _wait(browser, RESULT)
+    assert shown.startswith("error: This service needs an access token"), shown
+    assert browser.execute_script("return document.getElementById('auth').open") is True
+    token = browser.find_element(By.ID, "token")
+    token.send_keys(TOKEN)
+    browser.execute_script(
+        "arguments[0].dispatchEvent(new Event('change', {bubbles: true}))", token
+    )
+    _upload(browser, real_face)
+    shown = _wait(browser, RESULT)
+    want = _answer(site.url("/locked", ""), real_face, TOKEN).json()
+    assert shown == f"age: {want['age']:.1f}"
+    # the token is remembered by this browser for the next visit
+    browser.get(site.url("/locked", "/"))
+    assert browser.find_element(By.ID, "token").get_attribute("value") == TOKEN
+
+
+def test_page_and_assets_are_served_under_the_prefix(site: Site) -> None:
+    page = httpx.get(site.url("/open", "/"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="/open/static/app.js"' in page.text
+    js = httpx.get(site.url("/open", "/static/app.js"))
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    missing = httpx.get(site.url("/open", "/static/../serve/app.py"))
+    assert missing.status_code == 404
+    assert httpx.get(site.url("/locked", "/")).status_code == 200  # the page itself is open
+    assert httpx.get(site.url("/locked", "/v1/model")).status_code == 401
