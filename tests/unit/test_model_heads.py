@@ -96,7 +96,7 @@ def test_formulation_ages_by_hand() -> None:
     expect = Formulation("onehot", 4, answer="expectation").outputs(logits)["age"]
     assert expect.tolist() == pytest.approx([2.0, 0.6])
     assert Formulation("ldl", 4).outputs(logits)["age"].tolist() == pytest.approx([2.0, 0.6])
-    with pytest.raises(ValueError, match="model.answer='mode'"):
+    with pytest.raises(ValueError, match=r"model\.answer='mode'"):
         Formulation("onehot", 4, answer="mode")
     mse = Formulation("mse", 101)
     layer = nn.Linear(4, 1)
