@@ -281,8 +281,7 @@ class RayConfig:
     """Where and how wide the run is.
 
     ``address`` None starts (or joins, with ``auto``) a local Ray sized by ``num_cpus`` and
-    ``object_store_mb`` so it fits a small machine. A run that does not fit fails before it
-    starts, or waits ``resource_wait_s`` for an autoscaler (``ageray.training.capacity``).
+    ``object_store_mb`` so it fits a small machine; runs that do not fit fail at once.
     """
 
     address: str | None = None
@@ -294,7 +293,7 @@ class RayConfig:
     object_store_mb: int = 256
     memory_per_worker_gb: float | None = None  # Ray's "memory" resource per worker (None: none)
     autoscaling: bool | None = None  # None: ask the cluster whether an autoscaler runs
-    resource_wait_s: float = 600.0
+    resource_wait_s: float = 600.0  # waiting for an autoscaler (ageray.training.capacity)
 
 
 @dataclass

@@ -14,8 +14,7 @@ Rules this module keeps:
 * **Models**: a model is a folder (``model.safetensors`` + ``model.json``) logged with a pyfunc
   wrapper written as *code* (MLflow "models from code"), so loading it never unpickles an
   object; it is registered under the configured name with an alias (``candidate``).
-* **Secrets**: credentials live in the environment or in URIs; every param, tag, text
-  artifact and message on its way out is redacted (``ageray.redaction``).
+* **Secrets**: whatever goes out (params, tags, artifacts, messages) is ``redact``-ed first.
 """
 
 from __future__ import annotations
@@ -115,10 +114,9 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
             last = exc
         time.sleep(0.5)
     raise TrackingUnavailable(
-        f"MLflow tracking server {redact(uri)} is not reachable ({redact(str(last))}). "
-        "Start it (mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 "
-        "--port 5000), fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the "
-        "embedded local store."
+        f"MLflow tracking server {redact(f'{uri} is not reachable ({last})')}. Start it "
+        "(mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000), "
+        "fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the embedded local store."
     )
 
 
@@ -202,9 +200,7 @@ class RunLogger:
                 self._c().log_batch(self.run_id, metrics=items[i : i + 500])
         except Exception as exc:  # network blips must not kill training
             if not self._warned:
-                log.warning(
-                    "MLflow metric logging to %s failed: %s", redact(self.uri), redact(str(exc))
-                )
+                log.warning("MLflow metric logging failed: %s", redact(f"{self.uri}: {exc}"))
                 self._warned = True
 
     def logged_steps(self, key: str = "epoch") -> set[int]:
