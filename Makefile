@@ -42,12 +42,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # The benchmarks behind benchmarks/RESULTS.md, one after another (they measure ratios side by
-# side, so run them on an otherwise idle machine). About 20 minutes on 2 cores.
+# side, so run them on an otherwise idle machine). About 30 minutes on 2 cores.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.synthetic_learnability
 	$(BIN)/python -m benchmarks.data_pipeline --images 3000 --repeats 5
 	$(BIN)/python -m benchmarks.train_overhead --images 1024 --repeats 3
 	$(BIN)/python -m benchmarks.serve_load --seconds 12 --repeats 3
+	$(BIN)/python -m benchmarks.serve_backends --seconds 10 --repeats 3
+	$(BIN)/python -m benchmarks.predict_throughput
 
 # The folder that travels with one GPU device run (at most 60 MiB, git-ignored): the
 # webdataset wheel, UTKFace shards re-encoded at 128 px from ../shared/data/utkface-dev.tar,

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from jobs._common import Timer, base_parser, load, setup_logging
 
@@ -80,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     setup_logging()
     cfg = load(args)
+    try:
+        summary = run(args, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if summary.rows else 1
+
+
+def run(args: Any, cfg: Any) -> Any:
+    """The job; returns its :class:`ageray.prediction.PredictSummary`. Bad ``--input`` or
+    ``--model`` raise FileNotFoundError / ValueError before Ray starts."""
     timer = Timer()
 
     import ray
@@ -92,17 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
         Tracker(cfg)  # points MLflow at the configured server for models:/ URIs
-    try:
-        items = list_items(args.input, splits=args.split)
-        files = _model_files(args.model, args.backend)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    items = list_items(args.input, splits=args.split)
+    files = _model_files(args.model, args.backend)
     init_ray(cfg)
     verbose = os.environ.get("AGERAY_VERBOSE", "") not in ("", "0", "false")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
-    ctx.target_max_block_size = 8 * 1024 * 1024  # a few hundred images: actors start early
+    ctx.target_max_block_size = 1024 * 1024  # ~100-200 faces a block: every actor gets work
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
@@ -156,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     summary = sink.summary
+    total, steady = summary.throughput()
     print(f"[ageray] {summary.line()}")
     for example in summary.examples:
         print(f"  e.g. {example}")
-    print(f"[ageray] wrote {args.output} in {timer}")
-    return 0
+    print(
+        f"[ageray] wrote {args.output} in {timer}: {total:.1f} images/s overall, "
+        f"{steady:.1f} images/s from the first answers on"
+    )
+    return summary
 
 
 if __name__ == "__main__":

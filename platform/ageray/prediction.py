@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -142,8 +143,16 @@ class PredictSummary:
     errors: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     heads: Counter = field(default_factory=Counter)
+    started: float = field(default_factory=time.perf_counter)
+    first_at: float | None = None  # when the first answers arrived (start-up done)
+    first_rows: int = 0
+    last_at: float | None = None
 
     def add(self, table: Any) -> None:
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at, self.first_rows = now, table.num_rows
+        self.last_at = now
         self.rows += table.num_rows
         for err in table.column("error").to_pylist():
             if err is not None:
@@ -157,6 +166,16 @@ class PredictSummary:
     @property
     def answered(self) -> int:
         return self.rows - sum(self.errors.values())
+
+    def throughput(self) -> tuple[float, float]:
+        """(images/s from the start, images/s from the first answers to the last: the
+        steady state, without Ray's and the actors' start-up)."""
+        if self.last_at is None or self.first_at is None:
+            return 0.0, 0.0
+        total = self.rows / max(self.last_at - self.started, 1e-9)
+        span = self.last_at - self.first_at
+        steady = (self.rows - self.first_rows) / span if span > 0 else total
+        return total, steady
 
     def line(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
