@@ -132,3 +132,29 @@ def test_hybrid_stage_names_agree() -> None:
     assert stages_for("all", "hybrid") == (*HYBRID_STEPS, "stage2")
     assert stages_for("all", "parallel") == ("stage1", "stage2")
     assert stages_for("hybrid_ages", "hybrid") == ("hybrid_ages",)
+
+
+def test_hybrid_steps_refuse_other_nets_and_missing_models() -> None:
+    """The steps are the hybrid net's: another net, or a later step without the model of
+    the step before, fails before any data is read, saying what to pass."""
+    from ageray.config import Config
+    from ageray.tracking import Tracker
+    from ageray.training.pipeline import PipelineError, run_pipeline
+    from ageray.training.plans import plan_for, spec_for
+
+    cfg = Config()
+    cfg.model.head, cfg.model.formulation, cfg.model.multitask = "linear", "mae", "parallel"
+    cfg.loss.name = "mae"
+    off = Tracker(cfg, enabled=False)
+    with pytest.raises(PipelineError, match=r"model\.multitask='parallel'"):
+        run_pipeline(cfg, tracker=off, stages=("hybrid_groups",))
+    with pytest.raises(ValueError, match=r"needs model\.multitask=hybrid"):
+        plan_for(cfg, spec_for(cfg, "hybrid_groups"))
+    cfg.model.multitask = "hybrid"
+    with pytest.raises(PipelineError, match="hybrid_ages starts from the hybrid_groups model"):
+        run_pipeline(cfg, tracker=off, stages=("hybrid_ages",))
+    with pytest.raises(ValueError, match="--stage hybrid_finetune --from"):
+        plan_for(cfg, spec_for(cfg, "hybrid_finetune"))
+    cfg.train.hybrid_epochs = (1, 0, 1)
+    with pytest.raises(ValueError, match="three epoch counts >= 1"):
+        plan_for(cfg, spec_for(cfg, "hybrid_groups"))
