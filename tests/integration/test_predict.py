@@ -4,6 +4,7 @@
   the 2 with ``error`` set, the 14 answers those of the one path in-process;
 * shards on S3 (the moto server) in, Parquet on S3 out, ``jobs.predict`` as its own process
   (its own Ray, as under ``ray job submit``);
+* a real Serve deployment of the app answers as the one path does in-process;
 * ``jobs.export`` on a registered model (real ``mlflow server`` with S3 artifacts): the ONNX
   export lands in the registered model's tree, which holds no pickle-format file, and the
   onnxruntime backend uses it; TorchScript goes to the run.
@@ -143,3 +144,47 @@ def test_export_logged_with_the_registered_model(
     records, _ = face_records(3)
     rows = path.predict([r.image for r in records])
     assert all(r["error"] is None and r["rule"] == "learned" for r in rows)
+
+
+def test_serve_answers_like_the_one_path(ray_local, model_dir: Path) -> None:
+    """A real Serve deployment of the app (serve.app:build_app, HTTP) answers the same faces
+    exactly as the one path in-process does (one image per request = one per forward)."""
+    import httpx
+    from ray import serve
+    from services import free_port
+
+    from ageray.inference import ImagePredictor
+
+    sys.path.insert(0, str(ROOT))
+    from serve.app import build_app
+
+    records, _ = face_records(6)
+    images = [r.image for r in records]
+    want = ImagePredictor.load(model_dir).predict(images, batch_size=1)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        app = build_app(
+            str(model_dir),
+            settings={"device": "cpu", "channels_last": False, "torch_threads": 1},
+            ray_actor_options={"num_cpus": 0.5},
+        )
+        serve.run(app, name="onepath", route_prefix="/onepath")
+        for data, w in zip(images, want):
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/onepath/v1/predict",
+                content=data,
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert (got["age"], got["head"], got["rule"]) == (w["age"], w["head"], w["rule"])
+            assert (
+                got["interval"]["low"] == w["age_low"] and got["interval"]["high"] == w["age_high"]
+            )
+            for h in ("vanilla", "balanced"):
+                assert got["heads"][h] == {"age": w[f"age_{h}"], "kl": w[f"kl_{h}"]}
+    finally:
+        serve.delete("onepath")
+        serve.shutdown()
