@@ -124,6 +124,13 @@ def test_sample_weights() -> None:
     assert age[:3].sum() == pytest.approx(age[3]) == pytest.approx(age[4])
     with pytest.raises(ValueError, match="weighting='median'"):
         sample_weights(y, "median")  # type: ignore[arg-type]
+    # a share a blends them: (1 - a) * instance + a * age, still mean 1
+    half = sample_weights(y, 0.5)
+    assert half == pytest.approx(0.5 * inst + 0.5 * age) and half.mean() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="share of per-age weight"):
+        sample_weights(y, 1.5)
+    with pytest.raises(ValueError, match="resolved by the rule's fit"):
+        sample_weights(y, "auto")
 
 
 def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +220,33 @@ def test_learned_router_recovers_a_known_rule() -> None:
     a = make_rule("learned", steps=50).fit(f, y)
     b = make_rule("learned", steps=50).fit(f, y)
     assert a == b
+
+
+def test_auto_weighting_picks_the_share_by_cross_validation() -> None:
+    """Heads whose errors depend on the age: the share 'auto' picks is the one whose
+    out-of-fold MAE and CMAE beat eq. 11 by the widest margin, and it is what the rule then
+    fits with; the choice and every candidate are in the fit report."""
+    rng = np.random.default_rng(7)
+    n = 600
+    y = np.concatenate([rng.uniform(20, 50, n - 60), rng.uniform(70, 90, 60)])  # a thin tail
+    f = np.zeros((n, len(FEATURES)))
+    f[:, KL_VAN] = rng.lognormal(-4, 1, n)
+    f[:, KL_BAL] = rng.lognormal(-4, 1, n)
+    old = y > 60
+    f[:, AGE_VAN] = np.where(old, y - 12, y) + rng.normal(0, 2, n)
+    f[:, AGE_BAL] = np.where(old, y, y + 4) + rng.normal(0, 2, n)
+    f[:, -1] = f[:, AGE_BAL] - f[:, AGE_VAN]
+    rule = make_rule("learned", weighting="auto", steps=200)
+    report = rule.fit(f, y)
+    sel = report["selection"]
+    assert rule.age_share == sel["age_share"] and report["weighting"] == sel["age_share"]
+    assert [c["age_share"] for c in sel["candidates"]] == [0.0, 0.1, 0.2, 0.35, 0.5, 1.0]
+    winners = [c for c in sel["candidates"] if c["beats_smaller"]]
+    assert winners and sel["beats_smaller"]
+    assert sel["age_share"] == min(winners, key=lambda c: c["score"])["age_share"]
+    assert rule.settings()["age_share"] == sel["age_share"]  # saved, so a load needs no refit
+    thr = make_rule("threshold", weighting="auto")
+    assert "selection" in thr.fit(f, y) and thr.age_share is not None
 
 
 def test_fit_input_errors() -> None:
@@ -383,7 +417,9 @@ def test_config_routing_section_matches_the_registry() -> None:
     rules = rules_to_fit(cfg.routing)
     assert sorted(rules) == ["learned", "threshold"]  # the served rule is always fitted
     assert rules["learned"].settings()["mode"] == "hard"
-    assert rules["threshold"].settings() == {"weighting": "age"}
+    assert rules["threshold"].settings() == {"weighting": "auto", "age_share": None}
+    blend = load_config(None, ["routing.weighting=blend", "routing.age_share=0.3"]).routing
+    assert rules_to_fit(blend)["learned"].settings()["weighting"] == 0.3
     assert rules_to_fit(load_config(None, ["routing.fit=[]"]).routing) == {}
     with pytest.raises(ConfigError, match="never served"):
         load_config(None, ["routing.rule=oracle"])

@@ -22,38 +22,70 @@ from ageray.config import FITTED_ROUTING_RULES, RoutingConfig
 from .features import AGE_BAL, AGE_VAN, FEATURES
 
 __all__ = [
+    "AGE_SHARES",
     "ROUTING_RULES",
     "RoutingRule",
     "Weighting",
     "check_fit_inputs",
     "check_servable",
+    "check_weighting",
     "hard_weight",
     "make_rule",
     "register_rule",
     "routed_error",
     "rules_to_fit",
     "sample_weights",
+    "select_age_share",
     "servable_rules",
 ]
 
-Weighting = Literal["age", "instance"]
+#: How a fitted rule weighs the samples of its objective: ``instance`` (MAE), ``age`` (every
+#: age equally: CMAE), a number a in [0, 1] (``(1 - a) * instance + a * age``: between the
+#: two), or ``auto`` (a chosen among ``AGE_SHARES`` by cross-validation on the fitting split).
+Weighting = Literal["age", "instance", "auto"] | float
+AGE_SHARES = (0.0, 0.1, 0.2, 0.35, 0.5, 1.0)
+CV_FOLDS = 5
+
+
+def _share_of(weighting: Any) -> float | None:
+    """The per-age share a in [0, 1] of a weighting (None for ``auto``); errors say why."""
+    if weighting == "instance":
+        return 0.0
+    if weighting == "age":
+        return 1.0
+    if weighting == "auto":
+        return None
+    number = isinstance(weighting, int | float) and not isinstance(weighting, bool)
+    if number and 0.0 <= float(weighting) <= 1.0:
+        return float(weighting)
+    raise ValueError(
+        f"weighting={weighting!r} must be 'instance' (MAE), 'age' (CMAE), a share of per-age "
+        "weight in [0, 1], or 'auto' (the share chosen by cross-validation)"
+    )
+
+
+def check_weighting(weighting: Any) -> Weighting:
+    """``weighting`` if valid (a name or a share in [0, 1]), else a ValueError saying why."""
+    _share_of(weighting)
+    return float(weighting) if isinstance(weighting, int | float) else weighting
 
 
 def sample_weights(labels: Any, weighting: Weighting = "age") -> np.ndarray:
-    """Per-sample weights with mean 1: ``instance`` (all 1: the objective is MAE) or ``age``
+    """Per-sample weights with mean 1: ``instance`` (all 1: the objective is MAE), ``age``
     (1 / count of the sample's integer age: every age counts equally, the objective is
-    CMAE, eq. 13, with labels binned to the nearest integer as ``ageray.metrics.cmae``)."""
+    CMAE, eq. 13, with labels binned to the nearest integer as ``ageray.metrics.cmae``), or
+    a share a in [0, 1] of the two: ``(1 - a) * instance + a * age``."""
+    a = _share_of(weighting)
+    if a is None:
+        raise ValueError("sample_weights: 'auto' is resolved by the rule's fit; pass a share")
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if weighting == "instance":
+    if a == 0.0 or y.size == 0:
         return np.ones_like(y)
-    if weighting != "age":
-        raise ValueError(f"weighting={weighting!r} must be 'age' (CMAE) or 'instance' (MAE)")
-    if y.size == 0:
-        return y
     ages = np.floor(y + 0.5).astype(np.int64)
     _, inverse, counts = np.unique(ages, return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse]
-    return w * (y.size / w.sum())
+    w = w * (y.size / w.sum())
+    return (1.0 - a) + a * w
 
 
 def routed_error(features: Any, labels: Any, weight: Any) -> np.ndarray:
@@ -115,13 +147,30 @@ class RoutingRule(nn.Module):
         """Fit on (features, labels) of a held-out split (never the test split); returns a
         JSON summary, also kept as ``fit_report`` (saved in ``model.json``).
 
-        Rules without parameters only report their objective."""
+        A rule with ``weighting="auto"`` first picks its share of per-age weight
+        (:func:`select_age_share`); rules without parameters only report their objective."""
         f, y = check_fit_inputs(features, labels)
+        selection = None
+        if getattr(self, "weighting", None) == "auto":
+            selection = select_age_share(self, f, y)
+            self.age_share = selection["age_share"]
         self.fit_report = self._fit(f, y)
+        if selection is not None:
+            self.fit_report["selection"] = selection
         return self.fit_report
 
+    @property
+    def share(self) -> float:
+        """The per-age share of this rule's objective (``weighting`` resolved)."""
+        a = _share_of(getattr(self, "weighting", "instance"))
+        if a is None:
+            a = getattr(self, "age_share", None)
+        if a is None:
+            raise ValueError(f"routing rule {self.name!r}: weighting 'auto' is not resolved yet")
+        return float(a)
+
     def _fit(self, f: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        return self._summary(f, y, "instance")
+        return self._summary(f, y, 0.0)
 
     def _summary(self, f: np.ndarray, y: np.ndarray, weighting: Weighting) -> dict[str, Any]:
         sw = sample_weights(y, weighting)
@@ -143,6 +192,67 @@ class RoutingRule(nn.Module):
 
 
 ROUTING_RULES: dict[str, type[RoutingRule]] = {}
+
+
+def select_age_share(
+    rule: RoutingRule,
+    f: np.ndarray,
+    y: np.ndarray,
+    *,
+    shares: tuple[float, ...] = AGE_SHARES,
+    folds: int = CV_FOLDS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pick the share of per-age weight for ``rule``'s objective by ``folds``-fold
+    cross-validation on the fitting split itself (never another split).
+
+    For each share a copy of the rule is fitted on the other folds and answers the held-out
+    one; the out-of-fold MAE and CMAE are compared with eq. 11's on the same images. Chosen:
+    among the shares at least as good as eq. 11 on both, the one with the smallest
+    ``MAE / MAE_eq11 + CMAE / CMAE_eq11``; if none is, the smallest of that sum (and
+    ``beats_smaller`` says so). Why: a router deployed for everyone should not buy CMAE
+    with MAE or the reverse, and which share does that depends on the model's two heads.
+    """
+    n = y.size
+    folds = max(2, min(folds, n))
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(order, folds)
+    age_w = sample_weights(y, "age")
+    t = torch.as_tensor(f, dtype=torch.float32)
+    with torch.no_grad():
+        ref = routed_error(f, y, make_rule("smaller")(t))
+    ref_mae, ref_cmae = float(ref.mean()), float((age_w * ref).mean())
+    table = []
+    for a in shares:
+        err = np.zeros(n)
+        for i in range(folds):
+            test = parts[i]
+            train = np.concatenate([parts[j] for j in range(folds) if j != i])
+            clone = make_rule(rule.name, **{**rule.settings(), "weighting": float(a)})
+            clone._fit(f[train], y[train])
+            with torch.no_grad():
+                w = clone(torch.as_tensor(f[test], dtype=torch.float32))
+            err[test] = routed_error(f[test], y[test], w)
+        mae, cmae = float(err.mean()), float((age_w * err).mean())
+        table.append(
+            {
+                "age_share": float(a),
+                "cv_mae": mae,
+                "cv_cmae": cmae,
+                "beats_smaller": bool(mae <= ref_mae and cmae <= ref_cmae),
+                "score": mae / max(ref_mae, 1e-12) + cmae / max(ref_cmae, 1e-12),
+            }
+        )
+    good = [r for r in table if r["beats_smaller"]]
+    best = min(good or table, key=lambda r: r["score"])
+    return {
+        "age_share": best["age_share"],
+        "beats_smaller": best["beats_smaller"],
+        "smaller_mae": ref_mae,
+        "smaller_cmae": ref_cmae,
+        "folds": folds,
+        "candidates": table,
+    }
 
 
 def register_rule(cls: type[RoutingRule]) -> type[RoutingRule]:
@@ -191,11 +301,14 @@ def rules_to_fit(routing: RoutingConfig) -> dict[str, RoutingRule]:
     names = [n for n in routing.fit]
     if routing.rule in FITTED_ROUTING_RULES and routing.rule not in names:
         names.append(routing.rule)
+    weighting: Any = routing.weighting
+    if weighting == "blend":
+        weighting = float(routing.age_share)
     settings: dict[str, dict[str, Any]] = {
-        "threshold": {"weighting": routing.weighting},
+        "threshold": {"weighting": weighting},
         "learned": {
             "mode": routing.mode,
-            "weighting": routing.weighting,
+            "weighting": weighting,
             "hidden": routing.hidden,
             "weight_decay": routing.weight_decay,
             "steps": routing.steps,

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from .features import AGE_BAL, AGE_VAN, KL_BAL, KL_VAN
-from .registry import RoutingRule, Weighting, hard_weight, register_rule, sample_weights
+from .registry import (
+    RoutingRule,
+    Weighting,
+    check_weighting,
+    hard_weight,
+    register_rule,
+    sample_weights,
+)
 
 __all__ = ["BiggerRule", "OracleRule", "SmallerRule", "ThresholdRule"]
 
@@ -48,22 +55,21 @@ class ThresholdRule(RoutingRule):
     name = "threshold"
     needs_fit = True
 
-    def __init__(self, weighting: Weighting = "age") -> None:
+    def __init__(self, weighting: Weighting = "auto", age_share: float | None = None) -> None:
         super().__init__()
-        if weighting not in ("age", "instance"):
-            raise ValueError(f"weighting={weighting!r} must be 'age' or 'instance'")
-        self.weighting: Weighting = weighting
+        self.weighting: Weighting = check_weighting(weighting)
+        self.age_share = age_share  # the share 'auto' chose (restored from model.json)
         self.register_buffer("tau", torch.ones((), dtype=torch.float32))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.uint8))
 
     def settings(self) -> dict[str, Any]:
-        return {"weighting": self.weighting}
+        return {"weighting": self.weighting, "age_share": self.age_share}
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return hard_weight(features[:, KL_VAN] < self.tau * features[:, KL_BAL])
 
     def _fit(self, f: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        sw = sample_weights(y, self.weighting)
+        sw = sample_weights(y, self.share)
         kv, kb = f[:, KL_VAN], f[:, KL_BAL]
         cost_v = sw * np.abs(y - f[:, AGE_VAN])  # the price of answering with vanilla
         cost_b = sw * np.abs(y - f[:, AGE_BAL])
@@ -89,7 +95,7 @@ class ThresholdRule(RoutingRule):
         with torch.no_grad():
             self.tau.fill_(tau)
             self.fitted.fill_(1)
-        return {"tau": tau, **self._summary(f, y, self.weighting)}
+        return {"tau": tau, **self._summary(f, y, self.share)}
 
 
 @register_rule
