@@ -95,6 +95,10 @@ def setup_logging(verbose_: bool | None = None) -> None:
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Libraries that re-enable their own warnings inside (MLflow's log_model shows each
+    # UserWarning "once") still reach warnings.showwarning: route it to a silent logger.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
     for noisy in ("mlflow", "ray", "alembic", "httpx", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

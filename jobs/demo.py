@@ -6,12 +6,15 @@
   4. stage 1 (FR + PA), stage 2 (balanced head), evaluation,
      registration in a local MLflow store                          (jobs.train)
   5. Ray Serve with the registered model, real HTTP requests       (serve.app)
-  6. the Table IX-style table and where to look next; clean shutdown
+  6. clean shutdown, the Table IX-style table and where to look next
 
     python -m jobs.demo [--config recipes/demo.yaml] [--set key=value ...] [--keep-serving]
 
 Everything lands under ``runs/`` (shards, checkpoints, the MLflow store ``runs/mlflow.db``).
-A second run reuses finished stages; ``--fresh`` starts over.
+A second run reuses finished stages; ``--fresh`` starts over. The console shows ageray's
+progress and results only (Ray's own lines stay in its logs; ``--verbose`` shows them).
+A shortened demo (``--num-samples 300 --skip-pretrain`` and 1-epoch stages) runs in CI:
+``tests/e2e/test_demo.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tarfile
 import time
 import urllib.request
@@ -94,6 +98,36 @@ def wait_ready(base: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"Serve did not report ready at {base}/readyz within {timeout:.0f}s")
 
 
+def first_table(markdown: str) -> str:
+    """The report's first block (its caption and the Table IX-style table); the rest of
+    the report stays in report.md, so the console fits on two screens."""
+    out: list[str] = []
+    for line in markdown.splitlines():
+        if out and not line.strip() and any(x.startswith("|") for x in out):
+            break
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _without_tables(text: str) -> None:
+    """The pipeline's progress as it comes, its report tables replaced by one line (the
+    table is printed once, at the end)."""
+    if text.startswith("Split `"):
+        print("[ageray] evaluation on the test split done; the table follows at the end")
+    else:
+        print(text, flush=True)
+
+
+def _ray_logs_dir() -> str:
+    """Where this Ray's own log files are (the quiet console leaves Ray's lines there)."""
+    try:
+        import ray
+
+        return str(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except Exception:  # a private attribute; the documented default otherwise
+        return "/tmp/ray/session_latest/logs"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("python -m jobs.demo", __doc__)
     p.add_argument("--num-samples", type=int, default=3000, help="synthetic images to generate")
@@ -102,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve (127.0.0.1)")
     p.add_argument("--keep-serving", action="store_true", help="leave Serve up until Ctrl-C")
     if argv is None:
-        import sys
-
         argv = sys.argv[1:]
     args = p.parse_args(argv)
     if not args.config:
@@ -111,9 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's replicas (and Serve's proxy) run the request guard before routing, as under
+    # `serve run serve.app:app`; read by the Ray processes this job starts.
+    from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
+
+    os.environ.setdefault(EDGE_ENV, EDGE_CALLBACK)
     cfg = load(args)
     timer = Timer()
-    common = ["--config", args.config] + [x for o in args.overrides for x in ("--set", o)]
+    # Step-level progress lines off (an epoch line every few seconds is enough here); a
+    # user's --set comes later and wins.
+    common = ["--config", args.config, "--set", "train.log_every=0"]
+    common += [x for o in args.overrides for x in ("--set", o)]
 
     from ageray.training.driver import init_ray, local_run_dir
     from jobs import make_shards, pretrain, train
@@ -134,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--num-samples", str(args.num_samples),
                 "--image-size", str(cfg.data.image_size),
                 "--output", cfg.data.shards,
+                *([] if sys.stderr.isatty() else ["--quiet"]),  # bars only on a terminal
             ]
         )  # fmt: skip
 
@@ -141,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg)
     import ray
 
-    print(f"Ray {ray.__version__}: {ray.cluster_resources()}")
+    res = ray.cluster_resources()
+    ray_logs = _ray_logs_dir()
+    print(
+        f"Ray {ray.__version__}: {res.get('CPU', 0):g} CPUs, object store "
+        f"{res.get('object_store_memory', 0) / 2**20:.0f} MiB; its own logs: {ray_logs}"
+    )
 
     backbone = None
     if not args.skip_pretrain:
@@ -153,16 +199,22 @@ def main(argv: list[str] | None = None) -> int:
 
     banner(4, "stage 1 (FR + PA), stage 2 (balanced head), evaluation, registration")
     extra = ["--set", f"train.init_from={backbone}"] if backbone else []
-    rc = train.main(common + extra)
+    rc = train.main(common + extra, log=_without_tables)
     if rc:
         return rc
     report = json.loads((run_dir / "eval" / "report.json").read_text())
 
     banner(5, "Ray Serve: the registered model behind HTTP")
+    import logging
+
     from ray import serve
 
     from ageray.tracking import resolve_tracking_uri
+    from jobs._common import verbose
     from serve.app import build_app
+
+    if not verbose():
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
 
     model_uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
     port = _free_port(args.port)
@@ -182,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     wait_ready(base)
     with urllib.request.urlopen(base + "/v1/model", timeout=30) as resp:
         info = json.loads(resp.read())
-    print(f"serving {model_uri} (version {info.get('version')}) at {base}  (OpenAPI: {base}/docs)")
+    print(f"serving {model_uri} (version {info.get('version')}) at {base}")
     print(f"\n{'image':<28} {'true':>5} {'answer':>7}  head      vanilla  balanced")
     for key, age, data in sample_images(cfg.data.shards, cfg.eval.split):
         out = post_image(base + "/v1/predict", data)
@@ -192,22 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{key[:28]:<28} {age:5.0f} {out['age']:7.1f}  {out['head']:<9} "
             f"{heads['vanilla']['age']:7.1f}  {bal if bal is None else round(bal, 1)!s:>8}"
         )
-
-    banner(6, "results")
-    from ageray.report import markdown_table
-
-    print(markdown_table(report))
-    tracking_uri = resolve_tracking_uri(cfg)
-    print(f"demo finished in {timer}. Where to look next:")
-    print(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000")
-    print(f"  plots:       {run_dir / 'eval'}/{{per_age_mae,routing_usage,ccs}}.png")
-    print(f"  report:      {run_dir / 'eval' / 'report.md'}")
-    print(
-        f"  serve again: MLFLOW_TRACKING_URI={tracking_uri} serve run serve.app:app "
-        f"model_uri={model_uri}"
-    )
     if args.keep_serving:
-        print(f"\nServing at {base} until Ctrl-C ...")
+        print(f"\nServing until Ctrl-C: web page {base}/ , OpenAPI {base}/docs")
         try:
             while True:
                 time.sleep(3600)
@@ -216,6 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ray.shutdown()
     print("shut down Serve and Ray.")
+
+    banner(6, "results")
+    from ageray.report import markdown_table
+
+    print(first_table(markdown_table(report)))
+    print("Routing rules against the oracle bound, shot MAE, routing usage and CCS: report.md.")
+    tracking_uri = resolve_tracking_uri(cfg)
+    print(f"demo finished in {timer}. Where to look next:")
+    print(f"  report:      {run_dir / 'eval' / 'report.md'}")
+    print(f"  plots:       {run_dir / 'eval'}/{{per_age_mae,routing_usage,ccs}}.png")
+    print(f"  MLflow UI:   mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+    print(
+        f"  serve again: MLFLOW_TRACKING_URI={tracking_uri} serve run serve.app:app "
+        f"model_uri={model_uri}   (web page http://127.0.0.1:8000/)"
+    )
+    print(f"  Ray's logs:  {ray_logs}")
     return 0
 
 

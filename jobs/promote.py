@@ -50,14 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ageray.evaluation import evaluate_to_dir
     from ageray.promotion import PromotionError, comparison_table, decide, plot_comparison
-    from ageray.tracking import (
-        Tracker,
-        alias_version,
-        log_comparison,
-        model_info,
-        move_alias,
-        parse_model_uri,
-    )
+    from ageray.registry import alias_version, log_comparison, move_alias, parse_model_uri
+    from ageray.tracking import Tracker, model_info
 
     try:
         name, _, _ = parse_model_uri(args.candidate)
@@ -148,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         plot=plot,
         reports={side: out / f"{side}-v{v}" for side, v in decision_versions(decision).items()},
     )
-    verdict = "promoted" if decision.promote and not args.dry_run else "kept"
-    client.set_model_version_tag(name, cand_version, f"promotion.{alias}", verdict)
-    client.set_model_version_tag(name, cand_version, f"promotion.{alias}.run_id", run_id)
+    if not args.dry_run:  # the candidate version says how its promotion went, and where
+        verdict = "promoted" if decision.promote else "kept"
+        client.set_model_version_tag(name, cand_version, f"promotion.{alias}", verdict)
+        client.set_model_version_tag(name, cand_version, f"promotion.{alias}.run_id", run_id)
     if decision.promote and not args.dry_run:
         move_alias(client, name, alias, cand_version, previous_alias=f"previous-{alias}")
     tracker.end(run_id)

@@ -19,6 +19,7 @@ the recipe enables it; ``--stage hybrid`` runs the three steps, ``--stage hybrid
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from jobs._common import Timer, base_parser, load, require_resources, setup_logging
 
@@ -55,7 +56,9 @@ def parse(argv: list[str] | None = None):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, log: Callable[[str], None] | None = None) -> int:
+    """``log``: where the pipeline's progress and tables go (default: stdout); the demo
+    passes its own to keep its console short."""
     args = parse(argv)
     setup_logging()
     cfg = load(args)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate=not args.no_eval,
             register=not args.no_register,
             fresh=args.fresh,
-            log=lambda text: print(text, flush=True),
+            log=log or (lambda text: print(text, flush=True)),
         )
     except PipelineError as exc:
         print(f"python -m jobs.train: {exc}", file=sys.stderr)

@@ -45,16 +45,12 @@ __all__ = [
     "RunLogger",
     "Tracker",
     "TrackingUnavailable",
-    "alias_version",
     "check_tracking",
     "git_commit",
-    "log_comparison",
     "log_model",
     "manifest_digest",
     "model_info",
-    "move_alias",
     "package_versions",
-    "parse_model_uri",
     "registry_files",
     "resolve_model_dir",
     "resolve_tracking_uri",
@@ -532,7 +528,8 @@ def log_model(
     }
     if register:
         name = cfg.tracking.registered_model
-        mv = mlflow.register_model(info.model_uri, name)
+        with _quiet_stderr():  # MLflow prints "Successfully registered", "Created version"
+            mv = mlflow.register_model(info.model_uri, name)
         client = tracker.client
         for k, v in (metrics or {}).items():
             client.set_model_version_tag(name, mv.version, f"metric.{k}", f"{float(v):.6g}")
@@ -563,6 +560,19 @@ def registry_files(model_dir: str | Path, dst: str | Path) -> Path:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, out / rel)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what MLflow ``print``s to stderr (not through logging) for one call, unless
+    ``AGERAY_VERBOSE``: the job prints its own line about the same event."""
+    if os.environ.get("AGERAY_VERBOSE", "").lower() not in ("", "0", "false", "no"):
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def resolve_model_dir(uri: str, dst: str | Path | None = None) -> Path:
@@ -634,76 +644,3 @@ def logged_model_uri(tracker: Tracker, run_id: str) -> str:
         raise FileNotFoundError(f"MLflow run {run_id} logged no model; pass a models:/ URI")
     newest = max(models, key=lambda m: m.creation_timestamp)
     return f"models:/{newest.model_id}"
-
-
-# --------------------------------------------------------------------------- aliases
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/<name>@<alias>`` -> (name, None, alias); ``models:/<name>/<version>`` ->
-    (name, version, None); ``models:/<name>`` -> (name, None, None)."""
-    if not uri.startswith("models:/"):
-        raise ValueError(
-            f"{uri!r} is not a registry URI: use models:/<name>/<version> or models:/<name>@<alias>"
-        )
-    ref = uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, None, alias
-    name, _, version = ref.partition("/")
-    return name, version or None, None
-
-
-def alias_version(client: Any, name: str, alias: str) -> str | None:
-    """The version ``alias`` of registered model ``name`` points to, or None when the
-    alias (or the model) does not exist yet."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def move_alias(
-    client: Any, name: str, alias: str, version: str, *, previous_alias: str | None = None
-) -> str | None:
-    """Point ``alias`` at ``version``; returns the version it pointed to before (None if
-    new). ``previous_alias`` (e.g. ``previous-champion``) is moved to that old version, so
-    a rollback is one alias move away."""
-    before = alias_version(client, name, alias)
-    client.set_registered_model_alias(name, alias, str(version))
-    if previous_alias and before is not None and before != str(version):
-        client.set_registered_model_alias(name, previous_alias, before)
-    return before
-
-
-def log_comparison(
-    tracker: Tracker,
-    run_id: str | None,
-    *,
-    table_md: str,
-    decision: Mapping[str, Any],
-    plot: str | Path | None = None,
-    reports: Mapping[str, str | Path] | None = None,
-) -> None:
-    """A promotion's record in one MLflow run: the comparison table (``comparison.md``),
-    the decision (``decision.json``, and ``promoted`` / the compared values as metrics),
-    the per-age plot and each side's evaluation folder (``reports/<side>/``)."""
-    if not (tracker.enabled and run_id):
-        return
-    tracker.client.log_text(run_id, table_md, "comparison.md")
-    tracker.log_dict(run_id, dict(decision), "decision.json")
-    numbers = {
-        "promoted": 1.0 if decision.get("promote") else 0.0,
-        "candidate_score": decision.get("candidate"),
-        "champion_score": decision.get("champion"),
-        "improvement": decision.get("improvement"),
-    }
-    tracker.log_metrics(
-        run_id, {k: float(v) for k, v in numbers.items() if isinstance(v, int | float)}
-    )
-    if plot is not None:
-        tracker.log_artifact(run_id, plot)
-    for side, folder in (reports or {}).items():
-        tracker.log_artifact(run_id, folder, f"reports/{side}")

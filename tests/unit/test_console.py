@@ -38,20 +38,31 @@ def test_only_ageray_lines_pass() -> None:
     assert console_lines({"lines": []}) == [] and console_lines({}) == []
 
 
+def test_the_raylets_out_of_memory_word_passes_its_chatter_does_not() -> None:
+    oom = "Task was killed due to the node running low on memory. Memory on the node ..."
+    retried = "Task ServeController.graceful_shutdown failed. There are infinite retries ..."
+    assert console_lines({"pid": "raylet", "lines": [retried, oom]}) == [oom]
+    assert console_lines({"pid": 42, "lines": [oom]}) == []  # a worker quoting it: no
+
+
 def test_filter_replaces_rays_printer_on_its_dispatcher(capsys: pytest.CaptureFixture) -> None:
+    from ray._private import worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     saved = list(dispatcher.handlers)
+    saved_printer = worker.print_to_stdstream
     try:
         dispatcher.add_handler("ray_print_logs", lambda data: print("RAY PRINTED", data))
         assert install_console_filter() is True
         names = [name for name, _ in dispatcher.handlers]
         assert names.count("ray_print_logs") == 1
         dispatcher.emit({"lines": ["noise", "[ageray] progress"], "is_err": False, "pid": 1})
+        worker.print_to_stdstream({"lines": ["Task x failed"], "pid": "raylet"}, False)
         out = capsys.readouterr().out
         assert out == "[ageray] progress\n"
     finally:
         dispatcher.handlers = saved
+        worker.print_to_stdstream = saved_printer
 
 
 def _run(code: str, *args: str, env: dict[str, str] | None = None) -> str:

@@ -11,8 +11,9 @@ So forwarding stays on and the driver prints only ageray's lines, without Ray's
 (``<session>/logs/worker-*.out|err``), and ``--verbose`` prints it all as Ray would.
 
 Ray offers no public hook for this: :func:`install_console_filter` swaps the handler Ray
-registers on its log dispatcher, and leaves Ray's printer in place (verbose output) when
-that internal API is not there.
+registers on its log dispatcher (and the printer its error-message thread calls), and
+leaves Ray's printer in place (verbose output) when that internal API is not there. The
+process is a job's driver, which runs one job: the swap lasts until it exits.
 """
 
 from __future__ import annotations
@@ -30,12 +31,20 @@ OWN_PREFIXES = ("[ageray]", "[tune ")
 
 def console_lines(batch: Mapping[str, Any]) -> list[str]:
     """The lines of one forwarded batch (Ray's ``{"lines", "is_err", "pid", ...}``) that
-    belong on a quiet console."""
+    belong on a quiet console: ageray's own, and the raylet's word that something was
+    killed for lack of memory (on a small machine the one Ray message a person must see;
+    the job then fails with Ray's error anyway)."""
     lines: Iterable[str] = batch.get("lines") or ()
-    return [line for line in lines if line.lstrip().startswith(OWN_PREFIXES)]
+    raylet = batch.get("pid") == "raylet"
+    return [
+        line
+        for line in lines
+        if line.lstrip().startswith(OWN_PREFIXES) or (raylet and "memory" in line.lower())
+    ]
 
 
-def _print_own_lines(batch: dict[str, Any]) -> None:
+def _print_own_lines(batch: dict[str, Any], ignore_prefix: bool = False) -> None:
+    del ignore_prefix  # Ray's signature; ageray's lines are printed without Ray's prefix
     for line in console_lines(batch):
         print(line, file=sys.stdout, flush=True)
 
@@ -52,4 +61,10 @@ def install_console_filter() -> bool:
         return False
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", _print_own_lines)
+    # The raylet's error messages (a task retried, an actor killed at shutdown) reach the
+    # driver through another thread that calls Ray's printer directly.
+    from ray._private import worker
+
+    if hasattr(worker, "print_to_stdstream"):
+        worker.print_to_stdstream = _print_own_lines
     return True
