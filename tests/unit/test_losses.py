@@ -236,8 +236,10 @@ def test_softmax_ce_rounds_half_up() -> None:
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
     assert L.softmax_ce(logits, [1.5]).item() == pytest.approx(-math.log(0.5))  # class 2
     assert L.softmax_ce(logits, [1.4]).item() == pytest.approx(-math.log(0.3))  # class 1
-    with pytest.raises(ValueError, match=r"ages 3\.\.3 but the classifier covers 0\.\.2"):
-        L.softmax_ce(logits, [3.0])
+    # above the last class: the last class (classes clip above, as ldl and ordinal do)
+    assert L.softmax_ce(logits, [7.0]).item() == pytest.approx(-math.log(0.5))  # class 2
+    with pytest.raises(ValueError, match=r"ages -2\.\.-2 but the classifier covers 0\.\.2"):
+        L.softmax_ce(logits, [-2.0])
 
 
 def test_ldl_ce() -> None:

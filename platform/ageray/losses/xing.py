@@ -30,11 +30,14 @@ __all__ = [
 
 def softmax_ce(logits: Tensor, y: Any) -> Tensor:
     """One-hot softmax cross entropy (Xing eq. 5): the class is the age ``floor(y + 0.5)``
-    (real-valued labels rounded half up), mean over the batch. Ages outside ``0..K-1`` are
-    an error (they would be a device-side assert on CUDA)."""
+    (real-valued labels rounded half up), mean over the batch.
+
+    Ages above the last class count as the last class (the house rule, ``ageray.data.labels``:
+    the classes 0..100 clip above 100, as the label distribution and the ordinal targets do
+    too; UTKFace reaches 116). A negative age is an error (a device-side assert on CUDA)."""
     yt = _labels(y, device=logits.device)
     _check_logits(logits, yt)
-    idx = _age_index(yt, logits.shape[1])
+    idx = _age_index(yt.clamp(max=logits.shape[1] - 1), logits.shape[1])
     return F.cross_entropy(logits.float(), idx)
 
 
