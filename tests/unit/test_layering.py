@@ -19,6 +19,7 @@ Two kinds of check:
 from __future__ import annotations
 
 import ast
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -132,8 +133,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if nxt.startswith(node + "."):  # package -> own submodule
                 continue
             if state.get(nxt) == 1:
-                cyc = stack[stack.index(nxt) :] + [nxt]
-                if not all(b.startswith(a + ".") for a, b in zip(cyc, cyc[1:], strict=False)):
+                cyc = [*stack[stack.index(nxt) :], nxt]
+                if not all(b.startswith(a + ".") for a, b in itertools.pairwise(cyc)):
                     cycles.append(cyc)
             elif nxt not in state:
                 visit(nxt, stack)
