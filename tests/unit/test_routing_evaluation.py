@@ -189,3 +189,26 @@ def test_identical_answers_through_evaluation_pyfunc_and_serve(routed) -> None:
     with pytest.raises(ValueError, match="never served"):
         served.forward(x, "oracle")
     assert math.isfinite(answers[0]["age"])
+
+
+def test_fit_routing_step_refuses_models_without_two_distribution_heads(tmp_path: Path) -> None:
+    """The pipeline's routing step keeps such a model as it is (NothingToRoute), before
+    reading any data."""
+    from ageray.config import ModelConfig
+    from ageray.model import build_model
+    from ageray.training.routing import NothingToRoute, fit_routing
+
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.data.shards = str(tmp_path / "no-shards-needed")
+    for mc, two_heads in (
+        (ModelConfig(head="linear"), False),
+        (ModelConfig(head="linear", formulation="mae"), True),
+    ):
+        cfg.model = mc
+        model = build_model(cfg)
+        if two_heads:
+            model.add_balanced_head(freeze=False)
+        folder = save_model(model, tmp_path / mc.formulation, cfg)
+        with pytest.raises(NothingToRoute, match="routing needs a vanilla and a balanced"):
+            fit_routing(folder, cfg, tmp_path / "out")

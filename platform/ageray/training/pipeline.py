@@ -226,12 +226,16 @@ def _fit_routing_step(
     stage-2 model as it is."""
     from ageray.model.routing import rules_to_fit
     from ageray.model.routing.fitting import routing_fit_metrics
-    from ageray.training.routing import fit_routing
+    from ageray.training.routing import NothingToRoute, fit_routing
 
     if not rules_to_fit(cfg.routing) and cfg.routing.rule == "smaller":
         return model_dir, None
     out = local_run_dir(cfg) / "routing" / "model"
-    routed, reports = fit_routing(model_dir, cfg, out)
+    try:
+        routed, reports = fit_routing(model_dir, cfg, out)
+    except NothingToRoute as exc:
+        say(f"[ageray] routing: nothing to fit ({exc})")
+        return model_dir, None
     params = {f"routing.{k}": v for k, v in dataclasses.asdict(cfg.routing).items()}
     tracker.log_params(run_id, params)
     tracker.log_metrics(run_id, routing_fit_metrics(reports))

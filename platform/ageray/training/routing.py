@@ -15,14 +15,20 @@ from typing import Any
 
 from ageray.config import Config
 
-__all__ = ["fit_routing"]
+__all__ = ["NothingToRoute", "fit_routing"]
+
+
+class NothingToRoute(ValueError):
+    """The model has no pair of distribution heads to route between (one head, or a
+    regression / ordinal formulation); the pipeline keeps the stage-2 model as it is."""
 
 
 def fit_routing(
     model_dir: str | Path, cfg: Config, out_dir: str | Path
 ) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Load the stage-2 model, predict ``cfg.routing.fit_split``, fit the configured rules,
-    save the routed model to ``out_dir``; returns ``(out_dir, {rule: fit report})``."""
+    save the routed model to ``out_dir``; returns ``(out_dir, {rule: fit report})``.
+    Raises :class:`NothingToRoute` when the model has nothing to route."""
     import torch
 
     from ageray.inference import predict_split
@@ -30,21 +36,22 @@ def fit_routing(
     from ageray.model.routing.fitting import fit_rules
 
     model, info = load_model(model_dir)
-    if "balanced" not in model.head_names:
-        raise ValueError(
-            f"{model_dir}: routing needs stage 2's balanced head; this model has "
-            f"{model.head_names}"
+    if "balanced" not in model.head_names or not model.formulation.is_distribution:
+        raise NothingToRoute(
+            f"{model_dir}: heads {model.head_names}, formulation {model.formulation.name}: "
+            "routing needs a vanilla and a balanced distribution head (ldl, onehot)"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     split = cfg.routing.fit_split
     preds = predict_split(model, cfg.data, split, flip=True, amp=cfg.train.amp)
     n = len(preds.get("age", ()))
-    if n < 2 or "route_features" not in preds:
+    if "route_features" not in preds and n:
+        raise NothingToRoute(f"{model_dir}: the model's predictions carry no routing features")
+    if n < 2:
         raise ValueError(
-            f"routing.fit_split={split!r} of {cfg.data.shards} gave {n} routed predictions; "
-            "fitting a router needs a held-out split with images and a model with two "
-            "distribution heads (write the split with jobs.make_shards)"
+            f"routing.fit_split={split!r} of {cfg.data.shards} has {n} images; fitting a "
+            "router needs a held-out split with images (write it with jobs.make_shards)"
         )
     reports = fit_rules(model, preds["route_features"], preds["age"], cfg.routing, split=split)
     meta = dict(info.get("meta") or {})
