@@ -11,6 +11,7 @@ skips and says how to get them. The real face comes from ../shared/data/utkface-
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import tarfile
@@ -209,6 +210,24 @@ def test_upload_a_face_and_read_the_age(browser: Any, site: Site, real_face: Pat
         "return [document.documentElement.scrollWidth, window.innerWidth]"
     )
     assert widths[0] <= widths[1], widths
+
+
+def test_drop_a_face_on_the_page(browser: Any, site: Site, real_face: Path) -> None:
+    """Drag-and-drop: a drop event carrying the file (as the browser builds it from an OS
+    drag), dispatched on the page outside the drop zone, is sent like a chosen file."""
+    browser.get(site.url("/open", "/"))
+    browser.execute_script(
+        "const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+        "const dt = new DataTransfer();"
+        "dt.items.add(new File([bytes], arguments[1], {type: 'image/jpeg'}));"
+        "document.querySelector('header').dispatchEvent("
+        "  new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        base64.b64encode(real_face.read_bytes()).decode(),
+        real_face.name,
+    )
+    shown = _wait(browser, RESULT)
+    want = _answer(site.url("/open", ""), real_face).json()
+    assert shown == f"age: {want['age']:.1f}", shown
 
 
 def test_a_bad_file_shows_the_servers_message(

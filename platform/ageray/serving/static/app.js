@@ -126,7 +126,11 @@
     ctx.beginPath(); ctx.moveTo(xa, pad.t); ctx.lineTo(xa, pad.t + H); ctx.stroke();
     ctx.fillStyle = "#444";
     ctx.font = "11px system-ui, sans-serif";
-    for (let a = 0; a < n; a += 10) ctx.fillText(String(a), pad.l + (a + 0.5) * bw - 4, cssH - 6);
+    for (let a = 0; a < n; a += 10) {
+      ctx.textAlign = a === 0 ? "left" : a + 10 >= n ? "right" : "center";
+      ctx.fillText(String(a), Math.min(cssW - 1, pad.l + (a + 0.5) * bw), cssH - 6);
+    }
+    ctx.textAlign = "left";
   }
 
   function classText(group, names) {
@@ -219,13 +223,14 @@
       ev.target.value = ""; // the same file again fires change again
     });
   }
+  // A photo dropped anywhere on the page is sent (never opened by the browser instead).
   const drop = $("drop");
-  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => {
+  ["dragenter", "dragover"].forEach((t) => document.addEventListener(t, (ev) => {
     ev.preventDefault();
     drop.classList.add("over");
   }));
-  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
-  drop.addEventListener("drop", (ev) => {
+  ["dragleave", "drop"].forEach((t) => document.addEventListener(t, () => drop.classList.remove("over")));
+  document.addEventListener("drop", (ev) => {
     ev.preventDefault();
     const f = ev.dataTransfer && ev.dataTransfer.files && ev.dataTransfer.files[0];
     send(f);
