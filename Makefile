@@ -12,10 +12,11 @@ FACENET := facenet-pytorch==2.6.0
 .PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean
 
 $(STAMP): pyproject.toml
+	@echo "[ageray] installing into $(VENV): torch, ray, mlflow, timm ... (a few minutes on a fresh machine; pip runs quietly)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
-	$(BIN)/python -m pip install --no-deps $(FACENET)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(FACENET)
 	$(BIN)/python -c "import timm, torchvision, ray, mlflow, webdataset, facenet_pytorch"
 	touch $(STAMP)
 

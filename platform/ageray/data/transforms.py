@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -115,7 +116,9 @@ def decode_image(
         raise CorruptImageError("too_large", f"{name}: {exc}") from exc
     except (UnidentifiedImageError, *_DECODE_ERRORS) as exc:
         reason = "truncated" if _looks_like_image(data) else "not_image"
-        raise CorruptImageError(reason, f"{name}: cannot identify image ({exc})") from exc
+        raise CorruptImageError(
+            reason, f"{name}: cannot identify image ({describe_decode_error(exc)})"
+        ) from exc
     try:
         if target_size and img.format == "JPEG":
             img.draft("RGB", (target_size, target_size))
@@ -130,6 +133,15 @@ def decode_image(
             "truncated", f"{name}: {img.format} data is truncated or corrupt ({exc})"
         ) from exc
     return to_rgb(img)
+
+
+def describe_decode_error(exc: BaseException) -> str:
+    """Pillow's error as a client may read it: ``UnidentifiedImageError`` names the in-memory
+    buffer (``cannot identify image file <_io.BytesIO object at 0x7f...>``), which tells a
+    user nothing and leaks a process address into HTTP answers."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a format Pillow recognises"
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(exc))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -60,7 +60,7 @@ def check_image_header(data: bytes, name: str, limits: Limits) -> tuple[int, int
 def _classify_unreadable(data: bytes, name: str, exc: BaseException) -> ServeError:
     """Not an image at all, or an image cut short? Asks evaluation's decoder, whose
     ``CorruptImageError.reason`` the shard streams count by, so both agree."""
-    from ageray.data.transforms import CorruptImageError, decode_image
+    from ageray.data.transforms import CorruptImageError, decode_image, describe_decode_error
 
     reason = "not_image"
     try:
@@ -72,12 +72,14 @@ def _classify_unreadable(data: bytes, name: str, exc: BaseException) -> ServeErr
     if reason == "truncated":
         return ServeError.bad_request(
             "truncated_image",
-            f"image {name!r} starts like an image file but is corrupt or cut short ({exc}); "
+            f"image {name!r} starts like an image file but is corrupt or cut short "
+            f"({describe_decode_error(exc)}); "
             f"{_HINTS['truncated_image']}",
         )
     return ServeError.bad_request(
         "not_an_image",
-        f"image {name!r} is not an image Pillow can read ({exc}); {_HINTS['not_an_image']}",
+        f"image {name!r} is not an image Pillow can read ({describe_decode_error(exc)}); "
+        f"{_HINTS['not_an_image']}",
     )
 
 
