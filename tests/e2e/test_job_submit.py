@@ -181,7 +181,7 @@ def test_ray_job_submit_trains_both_stages(head: dict) -> None:
                 (name,),
             ).fetchall()
         )
-        assert set(stages) == {"pipeline", "stage1", "stage2", "evaluate"}
+        assert set(stages) == {"pipeline", "stage1", "stage2", "routing", "evaluate"}
         steps = con.execute(
             "select step from metrics where run_uuid = ? and key = 'val_mae'", (stages["stage1"],)
         ).fetchall()

@@ -193,6 +193,15 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+def ours(series: dict) -> dict:
+    """Only this module's app: other tests' Serve apps in the same Ray session export the
+    same metric names (Serve tags every series with its ``application``)."""
+    return {
+        name: [(lab, v) for lab, v in rows if lab.get("application") == APP]
+        for name, rows in series.items()
+    }
+
+
 def total(series: dict, name: str, **labels: str) -> float:
     return sum(
         v for lab, v in series.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
@@ -210,7 +219,7 @@ def test_metrics_after_traffic(app: App) -> None:
         assert c.get(app.url("/")).status_code == 200
 
     def ready() -> dict | None:
-        s = scrape(app.metrics_url)
+        s = ours(scrape(app.metrics_url))
         done = total(s, "ray_ageray_requests_total", route="/v1/predict", status="200") >= 12
         return s if done and total(s, "ray_ageray_predicted_age_count") >= 12 else None
 

@@ -420,7 +420,8 @@ def test_two_workers_both_stages_into_mlflow_and_registry(
     loaded = mlflow.pyfunc.load_model(f"models:/{model_name}@candidate")
     images = encoded_test_images(shards, 3)
     out = loaded.predict(pd.DataFrame({"image": images}))
-    assert list(out.columns[:2]) == ["age", "head"] and len(out) == 3
+    assert {"key", "age", "head", "error"} <= set(out.columns) and len(out) == 3
+    assert out["error"].isna().all()
     assert out["age"].between(0, 100).all()
     assert set(out["head"]) <= {"vanilla", "balanced"}
     assert {"age_vanilla", "age_balanced", "kl_vanilla", "kl_balanced"} <= set(out.columns)
