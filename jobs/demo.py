@@ -260,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(first_table(markdown_table(report)))
     print("Routing rules against the oracle bound, shot MAE, routing usage and CCS: report.md.")
-    tracking_uri = resolve_tracking_uri(cfg)
+    from ageray.redaction import redact
+
+    # a tracking URI with user:password in it stays off the console
+    tracking_uri = redact(resolve_tracking_uri(cfg))
     print(f"demo finished in {timer}. Where to look next:")
     print(f"  report:      {run_dir / 'eval' / 'report.md'}")
     print(f"  plots:       {run_dir / 'eval'}/{{per_age_mae,routing_usage,ccs}}.png")

@@ -68,9 +68,7 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key and the fix."""
 
 
-# --------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- sections
 
 
 @dataclass
@@ -85,9 +83,8 @@ class RunSection:
     name: str = "ageray"
     storage_path: str = "runs"
     seed: int = 0
-    # Fault injection for tests: kill the rank-`fail_rank` worker once, mid-epoch
-    # `fail_at_epoch` (after `fail_at_step` steps). -1 disables. Also settable through the
-    # AGERAY_FAIL_AT_EPOCH environment variable so a test can inject without a new recipe.
+    # Fault injection for tests: kill rank `fail_rank` once in epoch `fail_at_epoch` after
+    # `fail_at_step` steps (-1: off; or AGERAY_FAIL_AT_EPOCH, so no recipe is needed).
     fail_at_epoch: int = -1
     fail_at_step: int = 1
     fail_rank: int = 0
@@ -251,8 +248,7 @@ class TrainConfig:
     # Backbone weights from jobs.pretrain (a checkpoint folder or .safetensors file).
     init_from: str | None = None
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU
-    # torch.compile the model for training (a one-off compile per process, then faster steps;
-    # worth it for long GPU runs, not for a few CPU epochs)
+    # torch.compile: a one-off compile per process, worth it for long GPU runs only
     compile: bool = False
     sync_bn: bool = False
     checkpoint_keep: int = 2
@@ -429,9 +425,7 @@ class Config:
             )
 
 
-# --------------------------------------------------------------------------------------
-# Dict <-> dataclass
-# --------------------------------------------------------------------------------------
+# ------------------------------------------------------------------- dict <-> dataclass
 
 
 def _type_name(tp: Any) -> str:
