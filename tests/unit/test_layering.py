@@ -48,6 +48,11 @@ ALLOWED: dict[str, set[str]] = {
     "report": LOWER | {"metrics"},
     "traits": LOWER | {"data", "report"},  # gender / race answers: accuracy, confusion
     "fairness": LOWER | {"data", "metrics", "report", "traits"},  # age error per group
+    "registry": LOWER | {"tracking"},  # aliases: moves and lookups through the Tracker
+    "export": LOWER | {"model", "inference"},  # the one path's graph, written as ONNX/TorchScript
+    "prediction": LOWER | {"data", "inference", "export", "tracking"},  # jobs.predict's rule
+    "promotion": LOWER | {"evaluation", "report", "registry", "tracking"},  # jobs.promote's rule
+    "crossval": LOWER | {"metrics", "report"},  # folds' reports -> mean, spread, pooled
 }
 # Nothing below these may import them.
 TOP = {"tuning", "serving", "cli", "pyfunc_model"}
