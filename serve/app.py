@@ -284,6 +284,7 @@ class AgeEstimator:
             channels_last=settings.channels_last,
             backend=settings.backend,
             threads=settings.torch_threads,
+            max_batch_size=settings.max_batch_size,
         )
         warm_ms = warmup(served, settings.warmup_batch_sizes, settings.rule)
         ref = served.model_ref()

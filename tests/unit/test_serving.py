@@ -321,6 +321,44 @@ def test_forward_matches_model_predict(served) -> None:
     assert np.allclose(single, [o["age"] for o in outs], atol=1e-4)
 
 
+def test_gpu_buckets_pad_the_batch_and_answer_the_same(served) -> None:
+    """A GPU replica pads each batch to a bucket size (fixed shapes for cuDNN); the padding's
+    rows are dropped and the real images' answers are those of the unpadded batch. Checked
+    here on the CPU with the buckets a GPU replica would get."""
+    import dataclasses
+
+    from ageray.serving import batch_buckets
+    from ageray.serving.model import padded_size
+
+    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets(1) == (1,)
+    assert [padded_size(n, (1, 2, 4, 8)) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]
+    assert padded_size(3, ()) == 3
+    assert served.buckets == ()  # CPU: no padding (no per-shape kernel choice to amortise)
+
+    x = torch.stack(
+        [served.model_input(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in range(3)]
+    )
+    bucketed = dataclasses.replace(served, buckets=batch_buckets(8))
+    got, want = bucketed.forward(x), served.forward(x)
+    assert len(got) == 3
+    for g, w in zip(got, want, strict=True):
+        assert g["head"] == w["head"]
+        assert g["age"] == pytest.approx(w["age"], abs=1e-4)
+    assert warmup(bucketed, (1,)) > 0  # every bucket warms up
+
+
+def test_auto_backend_is_onnxruntime_on_the_cpu(served, model_dir: Path) -> None:
+    """serve/config.yaml deploys backend auto: ONNX Runtime on a CPU replica (the faster
+    there, benchmarks/RESULTS.md), answering as the torch forward does."""
+    auto = load_served_model(str(model_dir), "cpu", backend="auto")
+    assert auto.backend == "onnxruntime"
+    x = torch.stack([served.model_input(face_jpeg(96, seed=s), "x", LIMITS).tensor for s in (1, 2)])
+    for a, t in zip(auto.forward(x), served.forward(x), strict=True):
+        assert a["head"] == t["head"] and a["age"] == pytest.approx(t["age"], abs=1e-3)
+
+
 def test_build_prediction(served) -> None:
     x = served.model_input(face_jpeg(), "x", LIMITS).tensor[None]
     res = served.forward(x)[0]

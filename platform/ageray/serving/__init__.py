@@ -38,6 +38,7 @@ from ageray.serving.images import check_image_header, decode_checked
 from ageray.serving.model import (
     ModelInput,
     ServedModel,
+    batch_buckets,
     build_prediction,
     load_served_model,
     warmup,
@@ -67,6 +68,7 @@ __all__ = [
     "ServeError",
     "ServeSettings",
     "ServedModel",
+    "batch_buckets",
     "build_prediction",
     "check_auth",
     "check_headers",

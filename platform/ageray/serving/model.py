@@ -27,7 +27,14 @@ from ageray.inference import HEADS, INTERVAL_LEVEL, ImagePredictor
 from ageray.serving.images import decode_checked
 from ageray.serving.settings import Limits
 
-__all__ = ["ModelInput", "ServedModel", "build_prediction", "load_served_model", "warmup"]
+__all__ = [
+    "ModelInput",
+    "ServedModel",
+    "batch_buckets",
+    "build_prediction",
+    "load_served_model",
+    "warmup",
+]
 
 
 @dataclass
@@ -58,6 +65,10 @@ class ServedModel:
     key: str = ""  # identity of the loaded weights (uri + version) for swap decisions
     path: ImagePredictor | None = None  # the one inference path (built in __post_init__)
     backend: str = "torch"  # torch | onnxruntime (who runs the forward)
+    # Sizes a batch is padded up to before the forward (on a GPU; empty: no padding). cuDNN
+    # picks kernels per input shape (benchmark mode): a handful of fixed shapes, each warmed
+    # up at load, means no request pays an autotuning step.
+    buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -138,8 +149,32 @@ class ServedModel:
 
             check_servable(rule, "serving rule")
         path = self.path
+        n = int(x.shape[0])
+        size = padded_size(n, self.buckets)
+        if size > n:  # zero images fill the bucket; their rows are dropped below
+            x = torch_cat_zeros(x, size - n)
         outputs = path.forward(x, rule)  # type: ignore[union-attr]
-        return path.rows(outputs, rule=rule, distribution=True)  # type: ignore[union-attr]
+        return path.rows(outputs, rule=rule, distribution=True)[:n]  # type: ignore[union-attr]
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a GPU replica runs: powers of two below ``max_batch_size``, and
+    ``max_batch_size`` itself (1, 2, 4, 8, 16, 32 for 32; 1, 2, 4, 8, 16, 32, 48 for 48)."""
+    top = max(1, int(max_batch_size))
+    sizes = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
+    return (*sizes, top)
+
+
+def padded_size(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` images; ``n`` itself when none does (a batch
+    larger than every bucket runs as it is) or there are no buckets."""
+    return min((b for b in buckets if b >= n), default=n)
+
+
+def torch_cat_zeros(x: Any, extra: int) -> Any:
+    import torch
+
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
 
 def _resolve_device(device: str) -> Any:
@@ -164,6 +199,7 @@ def load_served_model(
     channels_last: bool = False,
     backend: str = "torch",
     threads: int | None = None,
+    max_batch_size: int | None = None,
 ) -> ServedModel:
     """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a ``runs:/`` URI or a
     local model folder for serving.
@@ -171,10 +207,13 @@ def load_served_model(
     For an alias the version is resolved first and exactly that version is downloaded, so
     the version reported with every answer is the one whose weights answer (an alias moved
     during the download cannot mix them up). Downloads go to a temporary folder that is
-    removed once the weights are in memory. ``backend="onnxruntime"`` answers with ONNX
+    removed once the weights are in memory. ``backend="auto"`` is ``onnxruntime`` on a CPU
+    and ``torch`` on a GPU. ``backend="onnxruntime"`` answers with ONNX
     Runtime on ``threads`` intra-op threads (CPU only), from the ONNX export logged with
     the model (``jobs.export``) when it matches these weights, else from an export made
     now (:func:`ageray.export.ensure_onnx`: op and parity checks as ``jobs.export``).
+    On a GPU with ``max_batch_size`` batches are padded to :func:`batch_buckets` (bf16
+    autocast comes with the torch backend on CUDA, as ``train.amp=auto``).
     """
     from ageray.inference import InputSpec, make_aligner, make_backend
     from ageray.model import load_model
@@ -184,6 +223,8 @@ def load_served_model(
     fetch = uri
     if uri.startswith("models:/") and reg.get("name") and reg.get("version"):
         fetch = f"models:/{reg['name']}/{reg['version']}"
+    if backend == "auto":  # the faster on this device (benchmarks/RESULTS.md, serve_backends)
+        backend = "onnxruntime" if _resolve_device(device).type == "cpu" else "torch"
     if backend == "onnxruntime":
         if device not in ("auto", "cpu"):
             raise ValueError(
@@ -241,13 +282,15 @@ def load_served_model(
         key=f"{reg.get('name')}/{reg.get('version')}|{uri}|{backend}",
         path=path,
         backend=backend,
+        buckets=batch_buckets(max_batch_size) if dev.type == "cuda" and max_batch_size else (),
     )
 
 
 def warmup(
     served: ServedModel, batch_sizes: Sequence[int] = (1,), rule: str | None = None
 ) -> float:
-    """Run the forward once per batch size before the replica reports ready; returns ms.
+    """Run the forward once per batch size (and per GPU bucket) before the replica reports
+    ready; returns ms.
 
     Why: the first forward allocates buffers and picks kernels (hundreds of ms on CPU, more
     with cuDNN autotuning); a user request must not pay that.
@@ -256,7 +299,7 @@ def warmup(
 
     t0 = time.perf_counter()
     s = served.image_size
-    for b in batch_sizes:
+    for b in sorted({*batch_sizes, *served.buckets}):
         x = torch.zeros(max(1, int(b)), 3, s, s)
         served.forward(x, rule)
         if served.device.type == "cuda":

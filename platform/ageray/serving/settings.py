@@ -114,9 +114,11 @@ class ServeSettings:
     decode_in_thread_bytes: int = 256 * 1024
     batch_wait_mode: Literal["adaptive", "fixed"] = "adaptive"
     channels_last: bool = True
-    # torch: eager PyTorch; onnxruntime: the model exported to ONNX at load (CPU only).
-    # benchmarks/serve_backends.py compares them; torch stays the default until measured.
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    # torch: eager PyTorch; onnxruntime: the model's ONNX export (CPU only); auto: the faster
+    # on the replica's device (benchmarks/serve_backends.py: onnxruntime on a CPU, 1.6x at
+    # batch 1 and 1.3x at 32; torch on a GPU). serve/config.yaml deploys auto; without it the
+    # app runs torch, the forward of training and evaluation.
+    backend: Literal["torch", "onnxruntime", "auto"] = "torch"
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
