@@ -407,11 +407,11 @@ def _finish(
     args: argparse.Namespace, *, report: Any, manifest: dict[str, Any], start: float
 ) -> int:
     """Print the report and the manifest's summary; 1 when no sample was written."""
-    from ageray.data.manifest import summarize
+    from ageray.data.manifest import manifest_summary
     from ageray.data.records import printable
 
     print(report.summary())
-    print(summarize(manifest, printable(args.output)))
+    print(manifest_summary(manifest, printable(args.output)))
     total = sum(s["count"] for s in manifest["splits"].values())
     print(f"done in {time.time() - start:.1f}s")
     if total == 0:
