@@ -211,8 +211,7 @@ def build_report(
         report["routing_fitted_at_evaluation"] = preds["_fitted_here"]
     if "balanced" in rows:
         _add_routing_usage(report, preds, y)
-    # who gets which error (every row, per gender / race / race x gender) and, for multi-task
-    # models, their gender / race / group answers (ageray.fairness, ageray.traits)
+    # who gets which error per gender / race; multi-task answers (ageray.fairness, .traits)
     fairness = fairness_table(
         y, rows, preds.get("gender"), preds.get("race"), order=report["row_order"]
     )
