@@ -58,36 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timer = Timer()
 
-    from ageray.config import load_config
-    from ageray.crossval import fold_run_name, summarize_folds, summary_markdown
     from ageray.data.manifest import read_manifest
-    from ageray.report import ROW_LABELS
-    from ageray.tracking import Tracker
-    from ageray.training.driver import local_run_dir
-    from ageray.training.pipeline import PipelineError, run_pipeline
-    from jobs import make_shards
 
-    root = args.shards_root.rstrip("/")
-
-    def shards_of(fold: int) -> str:
-        url = f"{root}/fold-{fold}"
-        try:
-            manifest = read_manifest(url)
-        except FileNotFoundError:
-            manifest = None
-        if manifest is None or args.fresh or _protocol_of(manifest).get("fold") != fold:
-            cmd = ["--source", args.source, "--output", url, "--fold", str(fold)]
-            cmd += ["--input", args.input] if args.input else []
-            cmd += ["--lopo"] if args.lopo else ["--folds", str(args.folds)]
-            cmd += ["--split-by", args.split_by, "--val-fraction", str(args.val_fraction)]
-            cmd += ["--seed", str(args.seed), "--quiet", *args.make_shards_arg]
-            print(f"[ageray] fold {fold}: python -m jobs.make_shards {' '.join(cmd)}", flush=True)
-            rc = make_shards.main(cmd)
-            if rc != 0:
-                raise SystemExit(rc)
-        return url
-
-    first = shards_of(0)
+    first = _fold_shards(args, 0)
     manifest = read_manifest(first)
     k = int(manifest.get("num_identities") or 0) if args.lopo else int(args.folds)
     if k < 2:
@@ -101,29 +74,80 @@ def main(argv: list[str] | None = None) -> int:
 
     reports: dict[int, dict] = {}
     for fold in folds:
-        url = first if fold == 0 else shards_of(fold)
-        name = fold_run_name(cfg.run.name, fold)
-        fold_cfg = load_config(
-            args.config, [*args.overrides, f"data.shards={url}", f"run.name={name}"]
+        url = first if fold == 0 else _fold_shards(args, fold)
+        report = _train_fold(args, cfg, fold=fold, k=k, url=url)
+        if isinstance(report, int):
+            return report
+        reports[fold] = report
+
+    out, text = _write_summary(args, cfg, manifest=manifest, reports=reports, k=k)
+    print(text)
+    print(f"[ageray] cross-validation of {len(reports)}/{k} folds in {timer}: {out}/crossval.md")
+    return 0
+
+
+def _fold_shards(args, fold: int) -> str:
+    """Fold ``fold``'s shard folder, written by ``jobs.make_shards`` unless a previous run
+    wrote it for this fold (and not ``--fresh``)."""
+    from ageray.data.manifest import read_manifest
+    from jobs import make_shards
+
+    url = f"{args.shards_root.rstrip('/')}/fold-{fold}"
+    try:
+        manifest = read_manifest(url)
+    except FileNotFoundError:
+        manifest = None
+    if manifest is None or args.fresh or _protocol_of(manifest).get("fold") != fold:
+        cmd = ["--source", args.source, "--output", url, "--fold", str(fold)]
+        cmd += ["--input", args.input] if args.input else []
+        cmd += ["--lopo"] if args.lopo else ["--folds", str(args.folds)]
+        cmd += ["--split-by", args.split_by, "--val-fraction", str(args.val_fraction)]
+        cmd += ["--seed", str(args.seed), "--quiet", *args.make_shards_arg]
+        print(f"[ageray] fold {fold}: python -m jobs.make_shards {' '.join(cmd)}", flush=True)
+        rc = make_shards.main(cmd)
+        if rc != 0:
+            raise SystemExit(rc)
+    return url
+
+
+def _train_fold(args, cfg, *, fold: int, k: int, url: str) -> dict | int:
+    """Train and evaluate one fold with the recipe (its own run name); its report, or the
+    exit status when it failed."""
+    from ageray.config import load_config
+    from ageray.crossval import fold_run_name
+    from ageray.tracking import Tracker
+    from ageray.training.pipeline import PipelineError, run_pipeline
+
+    name = fold_run_name(cfg.run.name, fold)
+    fold_cfg = load_config(args.config, [*args.overrides, f"data.shards={url}", f"run.name={name}"])
+    print(f"[ageray] fold {fold + 1}/{k}: run {fold_cfg.run.name!r}", flush=True)
+    tracker = Tracker(fold_cfg, enabled=not args.no_tracking)
+    try:
+        result = run_pipeline(
+            fold_cfg,
+            tracker=tracker,
+            evaluate=True,
+            register=False,
+            fresh=args.fresh,
+            log=lambda text: print(text, flush=True),
         )
-        print(f"[ageray] fold {fold + 1}/{k}: run {fold_cfg.run.name!r}", flush=True)
-        tracker = Tracker(fold_cfg, enabled=not args.no_tracking)
-        try:
-            result = run_pipeline(
-                fold_cfg,
-                tracker=tracker,
-                evaluate=True,
-                register=False,
-                fresh=args.fresh,
-                log=lambda text: print(text, flush=True),
-            )
-        except PipelineError as exc:
-            print(f"python -m jobs.crossval: fold {fold}: {exc}", file=sys.stderr)
-            return 2
-        if result.report is None:
-            print(f"python -m jobs.crossval: fold {fold} produced no report", file=sys.stderr)
-            return 1
-        reports[fold] = result.report
+    except PipelineError as exc:
+        print(f"python -m jobs.crossval: fold {fold}: {exc}", file=sys.stderr)
+        return 2
+    if result.report is None:
+        print(f"python -m jobs.crossval: fold {fold} produced no report", file=sys.stderr)
+        return 1
+    return result.report
+
+
+def _write_summary(
+    args, cfg, *, manifest: dict, reports: dict[int, dict], k: int
+) -> tuple[Path, str]:
+    """crossval.json / crossval.md (and the MLflow run unless --no-tracking): the folder and
+    the markdown."""
+    from ageray.crossval import summarize_folds, summary_markdown
+    from ageray.report import ROW_LABELS
+    from ageray.training.driver import local_run_dir
 
     protocol = {k_: v for k_, v in _protocol_of(manifest).items() if k_ != "fold"}
     protocol["folds"] = k
@@ -136,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "crossval.md").write_text(text)
     if not args.no_tracking:
         _log_summary(cfg, summary, out)
-    print(text)
-    print(f"[ageray] cross-validation of {len(reports)}/{k} folds in {timer}: {out}/crossval.md")
-    return 0
+    return out, text
 
 
 def _protocol_of(manifest: dict) -> dict:

@@ -104,12 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    for add in (
+        _add_io_args,
+        _add_split_args,
+        _add_align_args,
+        _add_shard_args,
+        _add_importer_args,
+        _add_run_args,
+    ):
+        add(p)
+    return p
+
+
+def _add_io_args(p: argparse.ArgumentParser) -> None:
+    """Where the records come from and where the shards go."""
     p.add_argument("--source", required=True, choices=SOURCES, help="dataset importer")
     p.add_argument(
         "--input",
         help="dataset folder, tar or csv (see ageray.data.importers); not needed for synthetic",
     )
     p.add_argument("--output", required=True, help="shard folder or s3://bucket/prefix")
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    """Which split each sample lands in (ageray.data.protocols)."""
     p.add_argument(
         "--splits",
         default="train=0.8,val=0.1,test=0.1",
@@ -148,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="official split list: 'name,split' per line (name = sample key, file name or "
         "identity); samples it does not name are dropped (counted)",
     )
+
+
+def _add_align_args(p: argparse.ArgumentParser) -> None:
+    """Face alignment and image size."""
     p.add_argument(
         "--align",
         action="store_true",
@@ -171,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=112,
         help="aligned crop size (--align) and synthetic image size (default: %(default)s)",
     )
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    """Shard size, threads and seed."""
     p.add_argument(
         "--max-count",
         type=positive_int,
@@ -190,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads for verify/align and shard writing (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="split and shard-order seed (%(default)s)")
+
+
+def _add_importer_args(p: argparse.ArgumentParser) -> None:
+    """Importer settings (synthetic, appa-real, --importer-option)."""
     p.add_argument(
         "--num-samples", type=positive_int, default=4000, help="synthetic: images (%(default)s)"
     )
@@ -210,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra keyword for the importer, e.g. images_root=/data/morph (repeatable)",
     )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Verification, upload and trial-run switches."""
     p.add_argument(
         "--no-verify",
         action="store_true",
@@ -229,7 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="import only the first N records (trial runs)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,9 +285,7 @@ def _usage_error(message: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ageray.data.importers import IMPORTERS
-    from ageray.data.manifest import summarize
-    from ageray.data.records import ImportReport, InputError, printable
-    from ageray.data.shards import align_transform, write_shards
+    from ageray.data.records import ImportReport, InputError
     from ageray.data.splits import parse_splits
 
     try:
@@ -265,14 +296,44 @@ def _run(args: argparse.Namespace) -> int:
         protocol = _protocol(args, splits)
     except (InputError, OSError) as exc:
         return _usage_error(str(exc))
-    if args.source != "synthetic" and not args.input:
-        return _usage_error(f"--input is required for --source {args.source}")
-    if args.max_bytes < 4 * 512:
-        return _usage_error(f"--max-bytes {args.max_bytes} is too small for even one sample")
-    problem = output_problem(args.output)
+    problem = _flag_problem(args)
     if problem:
         return _usage_error(problem)
 
+    options = _importer_options(args)
+    report = ImportReport(source=args.source)
+    try:  # binds the options (importers are generators: nothing is read yet)
+        records = IMPORTERS[args.source](args.input, report, **options)
+    except TypeError as exc:
+        return _usage_error(f"--importer-option for --source {args.source}: {exc}")
+    if args.limit is not None:
+        records = itertools.islice(records, args.limit)
+
+    aligner = _aligner(args)
+    start = time.time()
+    manifest = _write(
+        args,
+        records,
+        splits=splits,
+        protocol=protocol,
+        options=options,
+        report=report,
+        aligner=aligner,
+    )
+    return _finish(args, report=report, manifest=manifest, start=start)
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --input, --max-bytes or --output (checked before anything is read)."""
+    if args.source != "synthetic" and not args.input:
+        return f"--input is required for --source {args.source}"
+    if args.max_bytes < 4 * 512:
+        return f"--max-bytes {args.max_bytes} is too small for even one sample"
+    return output_problem(args.output)
+
+
+def _importer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The importer's keywords: --importer-option plus what the source's own flags say."""
     options: dict[str, Any] = dict(args.importer_option)
     if args.source == "synthetic":
         options.update(
@@ -284,26 +345,37 @@ def _run(args: argparse.Namespace) -> int:
     options.setdefault("progress", not args.quiet)
     if args.source == "appa-real":
         options["label"] = args.label
-    report = ImportReport(source=args.source)
-    try:  # binds the options (importers are generators: nothing is read yet)
-        records = IMPORTERS[args.source](args.input, report, **options)
-    except TypeError as exc:
-        return _usage_error(f"--importer-option for --source {args.source}: {exc}")
-    if args.limit is not None:
-        records = itertools.islice(records, args.limit)
+    return options
 
-    transform = aligner = None
-    if args.align:
-        from ageray.data.align import FaceAligner
 
-        aligner = FaceAligner(
-            output_size=args.image_size, detector=args.detector, on_no_face=args.on_no_face
-        )
-        transform = align_transform(aligner)
-        print(f"aligning with {aligner!r} (backend {aligner.backend})")
+def _aligner(args: argparse.Namespace) -> Any:
+    """The ``FaceAligner`` --align asks for (announced on the console), else None."""
+    if not args.align:
+        return None
+    from ageray.data.align import FaceAligner
 
-    start = time.time()
-    manifest = write_shards(
+    aligner = FaceAligner(
+        output_size=args.image_size, detector=args.detector, on_no_face=args.on_no_face
+    )
+    print(f"aligning with {aligner!r} (backend {aligner.backend})")
+    return aligner
+
+
+def _write(
+    args: argparse.Namespace,
+    records: Any,
+    *,
+    splits: dict[str, float],
+    protocol: Any,
+    options: dict[str, Any],
+    report: Any,
+    aligner: Any,
+) -> dict[str, Any]:
+    """Write the shards and the manifest (``ageray.data.shards.write_shards``)."""
+    from ageray.data.shards import align_transform, write_shards
+
+    transform = align_transform(aligner) if aligner is not None else None
+    return write_shards(
         records,
         args.output,
         splits=splits,
@@ -329,8 +401,17 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         protocol=protocol,
     )
+
+
+def _finish(
+    args: argparse.Namespace, *, report: Any, manifest: dict[str, Any], start: float
+) -> int:
+    """Print the report and the manifest's summary; 1 when no sample was written."""
+    from ageray.data.manifest import manifest_summary
+    from ageray.data.records import printable
+
     print(report.summary())
-    print(summarize(manifest, printable(args.output)))
+    print(manifest_summary(manifest, printable(args.output)))
     total = sum(s["count"] for s in manifest["splits"].values())
     print(f"done in {time.time() - start:.1f}s")
     if total == 0:

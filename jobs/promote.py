@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.evaluation import evaluate_to_dir
-    from ageray.promotion import PromotionError, comparison_table, decide, plot_comparison
-    from ageray.registry import alias_version, log_comparison, move_alias, parse_model_uri
+    from ageray.promotion import PromotionError, decide
+    from ageray.registry import alias_version, parse_model_uri
     from ageray.tracking import Tracker, model_info
 
     try:
@@ -59,14 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m jobs.promote: --candidate: {exc}", file=sys.stderr)
         return 2
     tracker = Tracker(cfg)  # promotion needs the registry: fails fast when it is down
-    client = tracker.client
     try:
         cand_version = model_info(args.candidate)["version"]
     except Exception as exc:  # unknown model, version or alias
         print(f"python -m jobs.promote: candidate {args.candidate}: {exc}", file=sys.stderr)
         return 2
     alias = args.champion_alias
-    champ_version = alias_version(client, name, alias)
+    champ_version = alias_version(tracker.client, name, alias)
     print(
         f"[ageray] candidate {name} version {cand_version}; {alias}: "
         + (f"version {champ_version}" if champ_version else "none yet")
@@ -78,22 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards or cfg.data.shards
     split = args.split or cfg.data.val_split
     out = Path(args.output or Path(cfg.run.storage_path) / "promote" / name)
-    reports = {}
-    for side, version in (("candidate", cand_version), ("champion", champ_version)):
-        if version is None:
-            continue
-        print(f"[ageray] evaluating {side} version {version} on {split!r} of {shards} ...")
-        reports[side] = evaluate_to_dir(
-            f"models:/{name}/{version}",
-            shards,
-            split,
-            out / f"{side}-v{version}",
-            flip=cfg.eval.flip_tta,
-            aar_groups=cfg.eval.aar_groups,
-            ccs_max=cfg.eval.ccs_max,
-            num_workers=cfg.data.num_workers,
-            train_split=cfg.data.train_split,
-        )
+    versions = {"candidate": cand_version, "champion": champ_version}
+    reports = _evaluate(cfg, name=name, versions=versions, shards=shards, split=split, out=out)
     try:
         decision = decide(
             reports["candidate"], reports.get("champion"), metric=args.metric, margin=args.margin
@@ -110,12 +94,61 @@ def main(argv: list[str] | None = None) -> int:
         "shards": shards,
         "dry_run": args.dry_run,
     }
+    table, plot = _compare(reports, decision=decision, out=out)
+    run_id = _record(tracker, args, decision=decision, table=table, plot=plot, out=out)
+    _print_outcome(args, decision=decision, table=table, plot=plot, out=out)
+    print(f"  MLflow:     {tracker.run_url(run_id)}")
+    print(f"[ageray] promotion check finished in {timer}")
+    return 0
+
+
+def _evaluate(
+    cfg, *, name: str, versions: dict[str, str | None], shards: str, split: str, out: Path
+) -> dict:
+    """side -> evaluation report of each version there is (no champion yet: candidate only),
+    both by the same report code on the same split."""
+    from ageray.evaluation import evaluate_to_dir
+
+    reports = {}
+    for side, version in versions.items():
+        if version is None:
+            continue
+        print(f"[ageray] evaluating {side} version {version} on {split!r} of {shards} ...")
+        reports[side] = evaluate_to_dir(
+            f"models:/{name}/{version}",
+            shards,
+            split,
+            out / f"{side}-v{version}",
+            flip=cfg.eval.flip_tta,
+            aar_groups=cfg.eval.aar_groups,
+            ccs_max=cfg.eval.ccs_max,
+            num_workers=cfg.data.num_workers,
+            train_split=cfg.data.train_split,
+        )
+    return reports
+
+
+def _compare(reports: dict, *, decision, out: Path) -> tuple[str, Path]:
+    """The comparison table (written to comparison.md) and the per-age plot of both sides."""
+    from ageray.promotion import comparison_table, plot_comparison
+
     table = comparison_table(reports["candidate"], reports.get("champion"), decision)
     (out / "comparison.md").write_text(table)
     plot = plot_comparison(
         reports["candidate"], reports.get("champion"), decision, out / "per_age_mae_compare.png"
     )
+    return table, plot
 
+
+def _record(tracker, args, *, decision, table: str, plot, out: Path) -> str:
+    """Record the comparison in an MLflow run, tag the candidate version with the verdict and
+    move the alias when the candidate wins (not on --dry-run); returns the run id."""
+    from ageray.registry import log_comparison, move_alias
+
+    client = tracker.client
+    extra = decision.extra
+    name, alias = extra["model"], extra["alias"]
+    cand_version, champ_version = extra["candidate_version"], extra["champion_version"]
     run = client.create_run(
         tracker.experiment_id,
         run_name=f"promote {name} v{cand_version} vs {alias}",
@@ -130,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             "champion_version": champ_version or "none",
             "metric": args.metric,
             "margin": args.margin,
-            "split": split,
-            "shards": shards,
+            "split": extra["split"],
+            "shards": extra["shards"],
         },
     )
     log_comparison(
@@ -149,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     if decision.promote and not args.dry_run:
         move_alias(client, name, alias, cand_version, previous_alias=f"previous-{alias}")
     tracker.end(run_id)
+    return run_id
 
+
+def _print_outcome(args, *, decision, table: str, plot, out: Path) -> None:
+    """The comparison table and what happened to the alias (or would have, on --dry-run)."""
+    extra = decision.extra
+    alias = extra["alias"]
+    cand_version, champ_version = extra["candidate_version"], extra["champion_version"]
     print()
     print(table)
     if decision.promote and args.dry_run:
@@ -162,9 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[ageray] {alias!r} stays at version {champ_version}")
     print(f"  comparison: {out / 'comparison.md'}, {plot}")
-    print(f"  MLflow:     {tracker.run_url(run_id)}")
-    print(f"[ageray] promotion check finished in {timer}")
-    return 0
 
 
 def decision_versions(decision) -> dict[str, str]:

@@ -438,24 +438,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} fits none of {_type_name(tp)}")
+        return _coerce_union(value, tp, key)
     if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -464,23 +450,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}")
         return build_dataclass(tp, value, prefix=key)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = (
-                yaml.safe_load(value)
-                if value.strip().startswith("[")
-                else [v for v in value.split(",") if v]
-            )
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple:
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_sequence(value, tp, key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -495,30 +465,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int or tp is float:
+        return _coerce_number(value, tp, key)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -526,6 +474,58 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of ``X | Y`` that takes ``value``; None/none/null/~ if it allows None."""
+    args = get_args(tp)
+    if type(None) in args and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+    ):
+        return None
+    for arg in args:
+        if arg is not type(None):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    raise ConfigError(f"{key}: {value!r} fits none of {_type_name(tp)}")
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str) -> list[Any] | tuple[Any, ...]:
+    """A list/tuple from a sequence or its text (``a,b``, ``[1, 2]``), items coerced."""
+    if isinstance(value, str):
+        value = (
+            yaml.safe_load(value)
+            if value.strip().startswith("[")
+            else [v for v in value.split(",") if v]
+        )
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    args = get_args(tp)
+    if get_origin(tp) is not tuple:
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _coerce_number(value: Any, tp: type, key: str) -> int | float:
+    """An int/float from a number or its text; never a bool; an int only from a whole float."""
+    if not isinstance(value, bool):
+        if isinstance(value, int):
+            return value if tp is int else float(value)
+        if isinstance(value, float) and (tp is float or value.is_integer()):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
 
 
 #: Keys that configs written by earlier versions hold (checkpoints, model.json, Tune state)

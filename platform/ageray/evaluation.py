@@ -177,34 +177,25 @@ def build_report(
 
     ``train_counts`` (the training split's per-age histogram) adds each row's
     many/medium/few-shot MAE (``rows.<row>.shot_mae``) and ``shot_counts``."""
-    y = np.asarray(preds["age"], dtype=np.float64)
-    if len(y) == 0:
-        raise ValueError(f"split {split!r} of {shards} has no samples to evaluate")
-    std = preds.get("age_std")
-    y_std = np.asarray(std, dtype=np.float64) if std is not None else None
-    if y_std is not None and not np.all(np.isfinite(y_std) & (y_std > 0)):
-        y_std = None  # epsilon-error needs an annotated std for every sample
+    y, y_std = _labels(preds, shards=shards, split=split)
     rows = _row_predictions(preds)
     if baseline is not None:
         # Align the baseline's predictions to this model's sample order by key.
         order = {k: i for i, k in enumerate(baseline["_keys"])}
         idx = np.array([order[k] for k in preds["_keys"]])
         rows = {"l_base": np.asarray(baseline["vanilla_age"])[idx], **rows}
-    groups = [f"{lo}-{hi}" for lo, hi in TABLE_IX_GROUPS]
-    out_rows: dict[str, Any] = {}
-    for name, yhat in rows.items():
-        summary = M.summarize(y, yhat, y_std=y_std, aar_groups=aar_groups, ccs_max=ccs_max)
-        summary["group_mae"] = M.group_mae(y, yhat, groups=TABLE_IX_GROUPS)
-        summary["group_cmae"] = M.group_cmae(y, yhat, groups=TABLE_IX_GROUPS)
-        if train_counts:
-            summary["shot_mae"] = M.shot_mae(y, yhat, train_counts)
-        out_rows[name] = summary
+    out_rows = {
+        name: _row_summary(
+            y, yhat, y_std=y_std, aar_groups=aar_groups, ccs_max=ccs_max, train_counts=train_counts
+        )
+        for name, yhat in rows.items()
+    }
     report: dict[str, Any] = {
         "model": model_ref,
         "shards": shards,
         "split": split,
         "num_samples": len(y),
-        "groups": groups,
+        "groups": [f"{lo}-{hi}" for lo, hi in TABLE_IX_GROUPS],
         "row_order": [r for r in ROW_ORDER if r in out_rows],
         "rows": out_rows,
         "per_age_mae": {name: M.per_age_mae(y, yhat) for name, yhat in rows.items()},
@@ -219,20 +210,8 @@ def build_report(
     if preds.get("_fitted_here"):
         report["routing_fitted_at_evaluation"] = preds["_fitted_here"]
     if "balanced" in rows:
-        usage = {
-            row: M.routing_usage(
-                y, (preds[f"rule_{rule}_weight"] >= 0.5).astype(float), groups=TABLE_IX_GROUPS
-            )
-            for rule, row in RULE_ROWS.items()
-            if f"rule_{rule}_weight" in preds
-        }
-        if usage:
-            report["routing_usage_rules"] = usage
-            report["routing_usage"] = usage.get("routed")  # GLAE Fig. 4: the smaller rule
-            if "routed_bigger" in usage:
-                report["routing_usage_bigger"] = usage["routed_bigger"]
-    # who gets which error (every row, per gender / race / race x gender) and, for multi-task
-    # models, their gender / race / group answers (ageray.fairness, ageray.traits)
+        _add_routing_usage(report, preds, y)
+    # who gets which error per gender / race; multi-task answers (ageray.fairness, .traits)
     fairness = fairness_table(
         y, rows, preds.get("gender"), preds.get("race"), order=report["row_order"]
     )
@@ -243,6 +222,53 @@ def build_report(
         report["traits"] = traits
     report["flat_metrics"] = flat_metrics(report)
     return report
+
+
+def _labels(preds: dict[str, Any], *, shards: str, split: str) -> tuple[np.ndarray, Any]:
+    """The true ages, and their annotated stds when every sample has one (else None: the
+    epsilon-error needs a std for every sample)."""
+    y = np.asarray(preds["age"], dtype=np.float64)
+    if len(y) == 0:
+        raise ValueError(f"split {split!r} of {shards} has no samples to evaluate")
+    std = preds.get("age_std")
+    y_std = np.asarray(std, dtype=np.float64) if std is not None else None
+    if y_std is not None and not np.all(np.isfinite(y_std) & (y_std > 0)):
+        y_std = None
+    return y, y_std
+
+
+def _row_summary(
+    y: np.ndarray,
+    yhat: np.ndarray,
+    *,
+    y_std: np.ndarray | None,
+    aar_groups: str,
+    ccs_max: int,
+    train_counts: dict[Any, int] | None,
+) -> dict[str, Any]:
+    """One row's metrics: the summary, Table IX's per-group MAE / CMAE, the shot MAE."""
+    summary = M.summarize(y, yhat, y_std=y_std, aar_groups=aar_groups, ccs_max=ccs_max)
+    summary["group_mae"] = M.group_mae(y, yhat, groups=TABLE_IX_GROUPS)
+    summary["group_cmae"] = M.group_cmae(y, yhat, groups=TABLE_IX_GROUPS)
+    if train_counts:
+        summary["shot_mae"] = M.shot_mae(y, yhat, train_counts)
+    return summary
+
+
+def _add_routing_usage(report: dict[str, Any], preds: dict[str, Any], y: np.ndarray) -> None:
+    """Which head each rule picks per age group (GLAE Fig. 4: the smaller rule's)."""
+    usage = {
+        row: M.routing_usage(
+            y, (preds[f"rule_{rule}_weight"] >= 0.5).astype(float), groups=TABLE_IX_GROUPS
+        )
+        for rule, row in RULE_ROWS.items()
+        if f"rule_{rule}_weight" in preds
+    }
+    if usage:
+        report["routing_usage_rules"] = usage
+        report["routing_usage"] = usage.get("routed")  # GLAE Fig. 4: the smaller rule
+        if "routed_bigger" in usage:
+            report["routing_usage_bigger"] = usage["routed_bigger"]
 
 
 def _age_hist(y: np.ndarray) -> dict[int, int]:

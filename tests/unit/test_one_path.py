@@ -5,7 +5,7 @@ synthetic ones (the reason is in the test id). The faces are written as shards f
 every path reads the very same bytes: batch prediction (the Ray Data batch function on the
 shard reader's rows, as ``jobs.predict`` runs it), the pyfunc model, Serve's model (header
 check, prepare, batched forward, the JSON answer: the code a replica runs), the evaluation
-(shard stream) and training's validation (``plans.predict_split`` on the eval loader).
+(shard stream) and training's validation (``plans.gather_split_predictions`` on the eval loader).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_every_path_answers_identically(world) -> None:
     from ageray.pyfunc_model import AgeRayPyfunc
     from ageray.serving import Limits, build_prediction, load_served_model
     from ageray.training.context import LocalContext
-    from ageray.training.plans import predict_split
+    from ageray.training.plans import gather_split_predictions
 
     keys = [r["key"] for r in world.rows]
     images = [r["image"] for r in world.rows]
@@ -106,11 +106,11 @@ def test_every_path_answers_identically(world) -> None:
     }
     assert evaluated == ref
 
-    # 5. training's validation: plans.predict_split on the eval loader, LocalContext
+    # 5. training's validation: plans.gather_split_predictions on the eval loader, LocalContext
     model, info = load_model(world.model)
     cfg: Config = eval_config(info, world.shards, "test", batch_size=N)
     cfg.data.num_workers = 0
-    val = predict_split(model, cfg, "test", LocalContext(), flip=True)
+    val = gather_split_predictions(model, cfg, "test", LocalContext(), flip=True)
     validated = {
         str(k): (float(val["routed_age"][i]), float(val["vanilla_age"][i]))
         for i, k in enumerate(val["_keys"])

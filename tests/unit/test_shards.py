@@ -19,7 +19,7 @@ import pytest
 from datagen import jpeg, make_records
 
 from ageray.data import shards as shards_mod
-from ageray.data.manifest import summarize
+from ageray.data.manifest import manifest_summary
 from ageray.data.records import ImportReport, Record
 from ageray.data.samplers import age_class
 from ageray.data.shards import write_shards
@@ -153,7 +153,7 @@ def test_manifest_contents_and_skips(tmp_path: Path) -> None:
             assert shards_mod.storage.sha256(path) == s["sha256"]
             assert sum(s["age_hist"].values()) == s["count"]
     assert total == 47
-    text = summarize(m, str(tmp_path))
+    text = manifest_summary(m, str(tmp_path))
     assert "47 samples written" in text and "manifest.json" in text and "truncated=1" in text
 
 

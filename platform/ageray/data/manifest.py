@@ -28,11 +28,11 @@ __all__ = [
     "MANIFEST",
     "SHARD_NAME",
     "SPLIT_NAME",
+    "manifest_summary",
     "read_manifest",
     "remove_manifest",
     "split_info",
     "split_stats",
-    "summarize",
     "write_manifest",
 ]
 
@@ -149,7 +149,7 @@ def write_manifest(output: str, manifest: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def summarize(manifest: Mapping[str, Any], where: str = "") -> str:
+def manifest_summary(manifest: Mapping[str, Any], where: str = "") -> str:
     """A few lines a person can read at the end of ``jobs.make_shards``."""
     lines = []
     total = 0

@@ -59,8 +59,6 @@ def collect_predictions(
     ``group_probs``, with its groups' (gender, race) pairs in ``_groups``). ``_keys`` holds
     the sample keys in order and ``_skipped`` the loader's skip counts.
     """
-    from ageray.model.routing import mix_ages
-
     from .backends import TorchBackend
 
     was_training = model.training
@@ -68,41 +66,15 @@ def collect_predictions(
     rules = _scored_rules(model)
     parts: dict[str, list[np.ndarray]] = {}
     keys: list[str] = []
-
-    def add(name: str, value: torch.Tensor | np.ndarray) -> None:
-        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
-
     try:
         for batch in loader:
             out = backend.tensors(batch["image"])
-            add("age", batch["age"])
-            add("age_std", batch["age_std"])
+            _add(parts, "age", batch["age"])
+            _add(parts, "age_std", batch["age_std"])
             keys.extend(batch["key"])
-            for head in model.heads:  # type: ignore[union-attr]
-                add(f"{head}_age", out[f"age_{head}"])
-                if f"kl_{head}" in out:
-                    add(f"{head}_kl", out[f"kl_{head}"])
-            add("routed_age", out["age"])
-            add("routed_choice", out["head"])
-            for trait in ("gender", "race"):  # labels (-1: absent), for the fairness table
-                if trait in batch:
-                    add(trait, batch[trait])
-            for name in ("gender", "race", "group"):  # multi-task probabilities
-                if name in out:
-                    add(f"{name}_probs", out[name])
-            features = out.get("features")
-            if features is not None:
-                add("route_features", features)
-                labels = torch.as_tensor(batch["age"], dtype=torch.float32).to(features.device)
-                v, b = out["age_vanilla"], out["age_balanced"]
-                with torch.inference_mode():
-                    for name, rule in rules.items():
-                        weight = rule(features, labels)
-                        add(f"rule_{name}_age", mix_ages(v, b, weight))
-                        add(f"rule_{name}_weight", weight)
-                add("bigger_age", parts["rule_bigger_age"][-1])
-                add("bigger_choice", (parts["rule_bigger_weight"][-1] >= 0.5).astype(np.float64))
+            _add_answers(parts, model, batch, out)
+            if out.get("features") is not None:
+                _add_rules(parts, rules, batch, out)
     finally:
         model.train(was_training)
     out_arrays: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
@@ -113,6 +85,57 @@ def collect_predictions(
     out_arrays["_keys"] = np.array(keys, dtype=object)
     out_arrays["_skipped"] = dict(getattr(loader, "skipped", {}) or {})
     return out_arrays
+
+
+def _add(parts: dict[str, list[np.ndarray]], name: str, value: torch.Tensor | np.ndarray) -> None:
+    """Append one batch's ``value`` to column ``name`` (float64 numpy, on the CPU)."""
+    arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    parts.setdefault(name, []).append(np.asarray(arr, dtype=np.float64))
+
+
+def _add_answers(
+    parts: dict[str, list[np.ndarray]],
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    out: Mapping[str, torch.Tensor],
+) -> None:
+    """One batch's per-head ages and KLs, the routed answer, the trait labels and the
+    multi-task probabilities."""
+    for head in model.heads:  # type: ignore[union-attr]
+        _add(parts, f"{head}_age", out[f"age_{head}"])
+        if f"kl_{head}" in out:
+            _add(parts, f"{head}_kl", out[f"kl_{head}"])
+    _add(parts, "routed_age", out["age"])
+    _add(parts, "routed_choice", out["head"])
+    for trait in ("gender", "race"):  # labels (-1: absent), for the fairness table
+        if trait in batch:
+            _add(parts, trait, batch[trait])
+    for name in ("gender", "race", "group"):  # multi-task probabilities
+        if name in out:
+            _add(parts, f"{name}_probs", out[name])
+
+
+def _add_rules(
+    parts: dict[str, list[np.ndarray]],
+    rules: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    out: Mapping[str, torch.Tensor],
+) -> None:
+    """One batch's route features and every scored rule's answer and weight, from the
+    same forward pass; ``bigger_*`` repeat Table IX's mirror rule under the older names."""
+    from ageray.model.routing import mix_ages
+
+    features = out["features"]
+    _add(parts, "route_features", features)
+    labels = torch.as_tensor(batch["age"], dtype=torch.float32).to(features.device)
+    v, b = out["age_vanilla"], out["age_balanced"]
+    with torch.inference_mode():
+        for name, rule in rules.items():
+            weight = rule(features, labels)
+            _add(parts, f"rule_{name}_age", mix_ages(v, b, weight))
+            _add(parts, f"rule_{name}_weight", weight)
+    _add(parts, "bigger_age", parts["rule_bigger_age"][-1])
+    _add(parts, "bigger_choice", (parts["rule_bigger_weight"][-1] >= 0.5).astype(np.float64))
 
 
 def predict_split(

@@ -66,7 +66,7 @@ class ModelFiles:
 
     @property
     def info(self) -> dict[str, Any]:
-        from ageray.model.io import FORMAT
+        from ageray.model.io import MODEL_FORMAT as FORMAT
 
         info = json.loads(self.files["model.json"])
         if info.get("format") != FORMAT:

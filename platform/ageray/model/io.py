@@ -35,9 +35,9 @@ from ageray.config import RETIRED_KEYS, Config, ModelConfig, to_dict
 
 from .age_model import AgeModel, build_model
 
-__all__ = ["FORMAT", "load_model", "model_from_state", "read_model_info", "save_model"]
+__all__ = ["MODEL_FORMAT", "load_model", "model_from_state", "read_model_info", "save_model"]
 
-FORMAT = "ageray-model/1"
+MODEL_FORMAT = "ageray-model/1"
 WEIGHTS = "model.safetensors"
 INFO = "model.json"
 
@@ -100,7 +100,7 @@ def save_model(
     if cfg is not None:
         data = {"image_size": cfg.data.image_size, "normalize": cfg.data.normalize}
     info = {
-        "format": FORMAT,
+        "format": MODEL_FORMAT,
         "model": to_dict(model.cfg),
         "input_size": model.image_size,
         "heads": model.head_names,
@@ -128,10 +128,10 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             f"{INFO} and {WEIGHTS}, written by ageray.model.save_model)"
         )
     info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
+    if info.get("format") != MODEL_FORMAT:
         raise ValueError(
-            f"{path}: format {info.get('format')!r} is not {FORMAT!r}; this ageray reads "
-            f"{FORMAT} folders only"
+            f"{path}: format {info.get('format')!r} is not {MODEL_FORMAT!r}; this ageray reads "
+            f"{MODEL_FORMAT} folders only"
         )
     return info
 

@@ -297,8 +297,7 @@ def _malformed_multipart(detail: Any) -> ServeError:
 
 
 def _parse_multipart(content_type: str, body: bytes, limits: Limits) -> ParsedRequest:
-    from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import parse_options_header
 
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
@@ -308,6 +307,31 @@ def _parse_multipart(content_type: str, body: bytes, limits: Limits) -> ParsedRe
             "multipart/form-data without a boundary parameter; let your HTTP client build "
             "the multipart body (e.g. curl -F file=@face.jpg)",
         )
+    parts = _multipart_parts(boundary, body, limits)
+    images: list[ImagePayload] = []
+    seen: list[str] = []
+    for part in parts:
+        _, disp = parse_options_header(part["headers"].get("content-disposition", ""))
+        field_name = disp.get(b"name", b"").decode("utf-8", "replace")
+        seen.append(field_name)
+        if field_name not in MULTIPART_FIELDS:
+            continue
+        filename = disp.get(b"filename", b"").decode("utf-8", "replace")
+        name = f"{field_name}:{filename}" if filename else field_name
+        check_image_bytes(part["size"], name, limits)
+        images.append(ImagePayload(b"".join(part["chunks"]), name))
+        check_count(len(images), limits)
+    if not images:
+        raise ServeError.missing_image(seen)
+    return ParsedRequest(images, many=len(images) > 1)
+
+
+def _multipart_parts(boundary: bytes, body: bytes, limits: Limits) -> list[dict[str, Any]]:
+    """Each part's ``headers``, data ``chunks`` and ``size`` (data past the image limit is
+    counted, not stored); a body python-multipart cannot parse is a 400."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser
+
     parts: list[dict[str, Any]] = []
     state: dict[str, Any] = {}
 
@@ -354,19 +378,4 @@ def _parse_multipart(content_type: str, body: bytes, limits: Limits) -> ParsedRe
         parser.finalize()
     except (FormParserError, ValueError, KeyError) as exc:
         raise _malformed_multipart(exc) from exc
-    images: list[ImagePayload] = []
-    seen: list[str] = []
-    for part in parts:
-        _, disp = parse_options_header(part["headers"].get("content-disposition", ""))
-        field_name = disp.get(b"name", b"").decode("utf-8", "replace")
-        seen.append(field_name)
-        if field_name not in MULTIPART_FIELDS:
-            continue
-        filename = disp.get(b"filename", b"").decode("utf-8", "replace")
-        name = f"{field_name}:{filename}" if filename else field_name
-        check_image_bytes(part["size"], name, limits)
-        images.append(ImagePayload(b"".join(part["chunks"]), name))
-        check_count(len(images), limits)
-    if not images:
-        raise ServeError.missing_image(seen)
-    return ParsedRequest(images, many=len(images) > 1)
+    return parts

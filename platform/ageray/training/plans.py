@@ -35,6 +35,7 @@ __all__ = [
     "STAGE_METRICS",
     "StagePlan",
     "StageSpec",
+    "gather_split_predictions",
     "plan_for",
     "plan_hybrid_ages",
     "plan_hybrid_finetune",
@@ -42,7 +43,6 @@ __all__ = [
     "plan_pretrain",
     "plan_stage1",
     "plan_stage2",
-    "predict_split",
     "spec_for",
 ]
 
@@ -104,7 +104,7 @@ def _loss_step(cfg: Config, head: str, mae_ref: float | None, stage: int):
     return step
 
 
-def predict_split(
+def gather_split_predictions(
     model: nn.Module, cfg: Config, split: str, ctx: WorkerContext, *, flip: bool
 ) -> dict[str, Any]:
     """Predict every sample of ``split`` once (this rank's share of the shards), then gather
@@ -127,7 +127,9 @@ def predict_split(
 
 def _stage_validate(cfg: Config):
     def validate(model: nn.Module, ctx: WorkerContext) -> dict[str, float]:
-        preds = predict_split(model, cfg, cfg.data.val_split, ctx, flip=cfg.eval.flip_tta)
+        preds = gather_split_predictions(
+            model, cfg, cfg.data.val_split, ctx, flip=cfg.eval.flip_tta
+        )
         metrics = prediction_metrics(preds, aar_groups=cfg.eval.aar_groups, prefix="val")
         metrics.update(trait_metrics(preds, prefix="val"))  # multi-task nets: gender, race
         for k, v in preds["_skipped"].items():

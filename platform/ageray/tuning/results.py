@@ -114,39 +114,13 @@ def build_table(
     concrete values, and the bindings they used (``r``) a column of their own, as Table III
     shows r, kernel size and stride.
     """
-    cols: list[Column] = [Column("trial", "trial")]
-    used_bindings: list[str] = []
-    for p in space.params:
-        has_expr = p.discrete and any(
-            isinstance(x, str) for v in p.values for x in (v if p.paired else (v,))
-        )
-        if p.paired and has_expr:
-            short = ", ".join(k.rsplit(".", 1)[-1] for k in p.keys)
-            cols.append(Column(f"label:{p.name}", f"({short})"))
-        if has_expr:
-            for name in BINDINGS:
-                if name not in used_bindings:
-                    used_bindings.append(name)
-        for k in p.keys:
-            cols.append(Column(k, k.rsplit(".", 1)[-1], "text"))
-    bind_cols = [Column(f"bind:{n}", n) for n in used_bindings]
-    cols = cols[:1] + bind_cols + cols[1:]
+    cols, used_bindings = _param_columns(space)
     cols += [Column("val_mae", "MAE", "metric"), Column("val_cmae", "CMAE", "metric")]
     if spec.name == "aar":
         cols.append(Column("val_aar", "AAR", "metric"))
     if spec.derived:
         cols.append(Column(spec.key, spec.label, "metric"))
-    # Stage 2 and the test evaluation (when the search ran them): the routed answer, as
-    # GLAE reports it; the CSV and summary.json carry the same columns.
-    # (A model without a balanced head has no routed answer: then its vanilla one.)
-    finals = [rec.final for rec in records if rec.final]
-    extra_keys = []
-    for prefix in ("stage2_val", "test"):
-        for row in ("routed", "vanilla"):
-            keys = [f"{prefix}_{row}_mae", f"{prefix}_{row}_cmae"]
-            if any(keys[0] in f for f in finals):
-                extra_keys += keys
-                break
+    extra_keys = _final_keys(records)
     cols += [Column(k, k, "metric") for k in extra_keys]
     cols += [
         Column("num_params", "params", "params"),
@@ -163,25 +137,72 @@ def build_table(
         for n in used_bindings:
             row[f"bind:{n}"] = (bindings or {}).get(n)
         row.update(rec.overrides)
-        b = rec.best_row(spec)
-        if b is not None:
-            for k in ("val_mae", "val_cmae", "val_aar"):
-                row[k] = finite_number(b.get(k))
-            row[spec.key] = spec.value(b)
-            row["best_epoch"] = int(b[EPOCH_KEY]) if finite_number(b.get(EPOCH_KEY)) else None
-        if rec.final:
-            for k in extra_keys:
-                row[k] = finite_number(rec.final.get(k))
-        row["num_params"] = rec.num_params
-        row["epochs_run"] = rec.epochs_run
-        row["status"] = rec.status(epochs)
-        row["failures"] = rec.failures
-        row["error"] = rec.error
-        row["run_id"] = rec.run_id
+        row.update(_result_cells(rec, spec, epochs, extra_keys))
         if best is not None and rec.trial_id == best.trial_id:
             row["trial"] = f"{rec.trial_id} (best)"
         rows.append(row)
     return Table(cols, rows, best.trial_id if best else None)
+
+
+def _param_columns(space: SearchSpace) -> tuple[list[Column], list[str]]:
+    """The trial column, the bindings' columns, then each searched key's (with a label
+    column before a paired parameter written as expressions); and the bindings used."""
+    cols: list[Column] = []
+    used_bindings: list[str] = []
+    for p in space.params:
+        has_expr = p.discrete and any(
+            isinstance(x, str) for v in p.values for x in (v if p.paired else (v,))
+        )
+        if p.paired and has_expr:
+            short = ", ".join(k.rsplit(".", 1)[-1] for k in p.keys)
+            cols.append(Column(f"label:{p.name}", f"({short})"))
+        if has_expr:
+            for name in BINDINGS:
+                if name not in used_bindings:
+                    used_bindings.append(name)
+        for k in p.keys:
+            cols.append(Column(k, k.rsplit(".", 1)[-1], "text"))
+    bind_cols = [Column(f"bind:{n}", n) for n in used_bindings]
+    return [Column("trial", "trial"), *bind_cols, *cols], used_bindings
+
+
+def _final_keys(records: Sequence[TrialRecord]) -> list[str]:
+    """Stage 2 and the test evaluation (when the search ran them): the routed answer, as
+    GLAE reports it; the CSV and summary.json carry the same columns. (A model without a
+    balanced head has no routed answer: then its vanilla one.)"""
+    finals = [rec.final for rec in records if rec.final]
+    extra_keys = []
+    for prefix in ("stage2_val", "test"):
+        for row in ("routed", "vanilla"):
+            keys = [f"{prefix}_{row}_mae", f"{prefix}_{row}_cmae"]
+            if any(keys[0] in f for f in finals):
+                extra_keys += keys
+                break
+    return extra_keys
+
+
+def _result_cells(
+    rec: TrialRecord, spec: MetricSpec, epochs: int, extra_keys: Sequence[str]
+) -> dict[str, Any]:
+    """A trial's row cells after its values: the metrics at its best epoch, the final ones,
+    its size, progress, status and MLflow run."""
+    row: dict[str, Any] = {}
+    b = rec.best_row(spec)
+    if b is not None:
+        for k in ("val_mae", "val_cmae", "val_aar"):
+            row[k] = finite_number(b.get(k))
+        row[spec.key] = spec.value(b)
+        row["best_epoch"] = int(b[EPOCH_KEY]) if finite_number(b.get(EPOCH_KEY)) else None
+    if rec.final:
+        for k in extra_keys:
+            row[k] = finite_number(rec.final.get(k))
+    row["num_params"] = rec.num_params
+    row["epochs_run"] = rec.epochs_run
+    row["status"] = rec.status(epochs)
+    row["failures"] = rec.failures
+    row["error"] = rec.error
+    row["run_id"] = rec.run_id
+    return row
 
 
 def write_csv(path: str | os.PathLike[str], table: Table) -> Path:
@@ -292,19 +313,7 @@ def write_results(
     files["space"].write_text(yaml.safe_dump(space.raw, sort_keys=False))
     best = best_record(outcome.records, spec)
     if best is not None:
-        recipe = best_recipe(user_base, best.overrides, f"{outcome.name}-best")
-        value = best.best_value(spec)
-        files["best_recipe"] = write_best_recipe(
-            out / "best_recipe.yaml",
-            recipe,
-            [
-                f"Best configuration of search '{outcome.name}' (trial {best.trial_id}):",
-                "  " + ", ".join(f"{k}={v}" for k, v in best.overrides.items()),
-                f"  {spec.key} {value:.4f} at epoch "
-                f"{(best.best_row(spec) or {}).get(EPOCH_KEY, '?')} of {epochs}",
-                "Train it: python -m jobs.train --config <this file>",
-            ],
-        )
+        files["best_recipe"] = _write_best(outcome, best, user_base, out / "best_recipe.yaml")
     summary = {
         "name": outcome.name,
         "metric": {"key": spec.key, "mode": spec.mode, "label": spec.label},
@@ -320,6 +329,26 @@ def write_results(
     files["summary"].write_text(json.dumps(summary, indent=2, default=str))
     outcome.table, outcome.best, outcome.files = table, best, files
     outcome.best_recipe = files.get("best_recipe")
+
+
+def _write_best(
+    outcome: SearchOutcome, best: TrialRecord, user_base: Mapping[str, Any], path: Path
+) -> Path:
+    """The best trial's recipe, headed by what the search found and how to train it."""
+    spec, epochs = outcome.metric, outcome.epochs
+    recipe = best_recipe(user_base, best.overrides, f"{outcome.name}-best")
+    value = best.best_value(spec)
+    return write_best_recipe(
+        path,
+        recipe,
+        [
+            f"Best configuration of search '{outcome.name}' (trial {best.trial_id}):",
+            "  " + ", ".join(f"{k}={v}" for k, v in best.overrides.items()),
+            f"  {spec.key} {value:.4f} at epoch "
+            f"{(best.best_row(spec) or {}).get(EPOCH_KEY, '?')} of {epochs}",
+            "Train it: python -m jobs.train --config <this file>",
+        ],
+    )
 
 
 def format_summary(o: SearchOutcome, command: str = "python -m tuning.search") -> str:

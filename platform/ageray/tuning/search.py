@@ -341,27 +341,12 @@ def run_search(o: SearchOptions, extra_callbacks: Sequence[Any] | None = None) -
 
     ``extra_callbacks`` are Tune callbacks added to the search's own (progress, janitor).
     """
-    import ray
-    from ray import tune
-
-    from ageray.training.capacity import ResourceError, ensure_resources
-    from ageray.training.driver import init_ray, storage_args
+    from ageray.training.driver import storage_args
     from ageray.tuning.callbacks import SearchMonitor
 
     t0 = time.time()
     p = _plan(o)
-    init_ray(p.runtime_cfg)
-    try:  # one trial must fit the cluster (or the cluster grow to fit it) before any starts
-        autoscaling = ensure_resources(
-            p.runtime_cfg, driver_cpus=p.settings.driver_cpus, wait=not o.dry_run, log=_say
-        )
-    except ResourceError as exc:
-        raise TuningError(str(exc)) from exc
-    need = trial_resources(p.runtime_cfg.ray, p.settings.driver_cpus)
-    n_conc, why = max_concurrent_trials(
-        ray.cluster_resources(), need, override=p.settings.max_concurrent, autoscaling=autoscaling
-    )
-    _print_plan(p, need, why)
+    n_conc, why = _concurrency(p, o)
     if o.dry_run:
         return SearchOutcome(
             p.name, p.experiment_path, p.results_dir, [], None, p.spec, p.epochs, concurrency=why
@@ -382,6 +367,81 @@ def run_search(o: SearchOptions, extra_callbacks: Sequence[Any] | None = None) -
     )
     if parent:
         _say(f"  MLflow: {tracker.run_url(parent)}")
+    trainable = _trainable(p, tracker=tracker, parent=parent)
+    monitor = SearchMonitor(p.space.raw, p.spec.name, p.spec.weight, p.epochs, p.total)
+    callbacks = [monitor, *(extra_callbacks or [])]
+    release_orphaned_placement_groups()  # leftovers of an interrupted search in this job
+    tuner = _make_tuner(p, o, trainable, callbacks, monitor, n_conc, exists, tune_path, fs)
+    # fit's ResultGrid holds in-memory statuses (there an interrupted trial reads
+    # TERMINATED, like one ASHA stopped); the saved experiment state tells them apart.
+    tuner.fit()
+    release_orphaned_placement_groups()
+    outcome = _outcome(p, tune_path, fs, resumed=exists, why=why, tracker=tracker, parent=parent)
+    settle_trial_runs(tracker, p.name, outcome.records, p.epochs)
+    write_results(outcome, p.space, p.user_base, p.runtime_base)
+    outcome.elapsed_s = time.time() - t0
+    close_search_run(tracker, parent, outcome)
+    return outcome
+
+
+def _concurrency(p: _Plan, o: SearchOptions) -> tuple[int, str]:
+    """Start (or join) Ray, make sure one trial fits the cluster (or that it grows to fit it)
+    and print the plan; how many trials run at once, and why that many."""
+    import ray
+
+    from ageray.training.capacity import ResourceError, ensure_resources
+    from ageray.training.driver import init_ray
+
+    init_ray(p.runtime_cfg)
+    try:  # one trial must fit the cluster (or the cluster grow to fit it) before any starts
+        autoscaling = ensure_resources(
+            p.runtime_cfg, driver_cpus=p.settings.driver_cpus, wait=not o.dry_run, log=_say
+        )
+    except ResourceError as exc:
+        raise TuningError(str(exc)) from exc
+    need = trial_resources(p.runtime_cfg.ray, p.settings.driver_cpus)
+    n_conc, why = max_concurrent_trials(
+        ray.cluster_resources(), need, override=p.settings.max_concurrent, autoscaling=autoscaling
+    )
+    _print_plan(p, need, why)
+    return n_conc, why
+
+
+def _outcome(
+    p: _Plan,
+    tune_path: str,
+    fs: Any,
+    *,
+    resumed: bool,
+    why: str,
+    tracker: Any,
+    parent: str | None,
+) -> SearchOutcome:
+    """The search's trials as Tune saved them (not fit's in-memory statuses)."""
+    records = collect_records(_saved_analysis(tune_path, fs), p.space, p.runtime_base)
+    # Interrupted: a trial did not end, or the searcher had not yet made every trial.
+    unfinished = any(r.status(p.epochs) == "unfinished" for r in records)
+    return SearchOutcome(
+        name=p.name,
+        experiment_path=p.experiment_path,
+        results_dir=p.results_dir,
+        records=records,
+        table=None,
+        metric=p.spec,
+        epochs=p.epochs,
+        interrupted=unfinished or len(records) < p.total,
+        resumed=resumed,
+        concurrency=why,
+        parent_run_id=parent,
+        tracking_uri=tracker.uri if tracker.enabled else None,
+    )
+
+
+def _trainable(p: _Plan, *, tracker: Any, parent: str | None) -> Any:
+    """Tune's trainable: :func:`trial_driver` bound to the search's ``TrialContext``, with
+    the driver's CPUs reserved."""
+    from ray import tune
+
     ctx = TrialContext(
         search=p.name,
         base=p.runtime_base,
@@ -393,39 +453,9 @@ def run_search(o: SearchOptions, extra_callbacks: Sequence[Any] | None = None) -
         stage2=p.settings.stage2,
         evaluate=p.settings.evaluate,
     )
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(trial_driver, ctx=ctx.to_dict()), {"cpu": p.settings.driver_cpus}
     )
-    monitor = SearchMonitor(p.space.raw, p.spec.name, p.spec.weight, p.epochs, p.total)
-    callbacks = [monitor, *(extra_callbacks or [])]
-    release_orphaned_placement_groups()  # leftovers of an interrupted search in this job
-    tuner = _make_tuner(p, o, trainable, callbacks, monitor, n_conc, exists, tune_path, fs)
-    # fit's ResultGrid holds in-memory statuses (there an interrupted trial reads
-    # TERMINATED, like one ASHA stopped); the saved experiment state tells them apart.
-    tuner.fit()
-    release_orphaned_placement_groups()
-    records = collect_records(_saved_analysis(tune_path, fs), p.space, p.runtime_base)
-    # Interrupted: a trial did not end, or the searcher had not yet made every trial.
-    unfinished = any(r.status(p.epochs) == "unfinished" for r in records)
-    outcome = SearchOutcome(
-        name=p.name,
-        experiment_path=p.experiment_path,
-        results_dir=p.results_dir,
-        records=records,
-        table=None,
-        metric=p.spec,
-        epochs=p.epochs,
-        interrupted=unfinished or len(records) < p.total,
-        resumed=exists,
-        concurrency=why,
-        parent_run_id=parent,
-        tracking_uri=tracker.uri if tracker.enabled else None,
-    )
-    settle_trial_runs(tracker, p.name, records, p.epochs)
-    write_results(outcome, p.space, p.user_base, p.runtime_base)
-    outcome.elapsed_s = time.time() - t0
-    close_search_run(tracker, parent, outcome)
-    return outcome
 
 
 def _say(text: str) -> None:

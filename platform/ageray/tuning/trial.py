@@ -73,18 +73,44 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from ageray.tracking import Tracker
-    from ageray.training.pipeline import run_pipeline
-    from ageray.tuning.callbacks import TrialReportCallback
 
     c = TrialContext(**ctx)
     space = parse_space(c.space, source=f"search {c.search}")
     spec = parse_metric(c.metric, c.metric_weight)
     trial_id = tune.get_context().get_trial_id()
     overrides = resolve_sample(space, config, c.base)
+    cfg, invalid = _trial_config(c, overrides, trial_id=trial_id)
+    tracker = Tracker(cfg, enabled=bool(c.tracking_uri))
+    params = {f"tune.{k}": v for k, v in overrides.items()}
+    params.update({"tune.trial_id": trial_id, "tune.label": space.label(config)})
+    run_id = open_trial_run(
+        tracker, search=c.search, trial_id=trial_id, parent_run_id=c.parent_run_id, params=params
+    )
+    try:
+        if invalid is not None:
+            raise invalid
+        final = _train(cfg, c, spec=spec, tracker=tracker, run_id=run_id)
+        tracker.set_tags(run_id, {"ageray.tune.outcome": "completed"})
+        tracker.end(run_id, "FINISHED")
+    except Exception as exc:
+        tracker.set_tags(
+            run_id, {"ageray.tune.outcome": "failed", "ageray.tune.error": short_error(exc)}
+        )
+        tracker.end(run_id, "FAILED")
+        raise
+    tune.report(final)
+
+
+def _trial_config(
+    c: TrialContext, overrides: dict[str, Any], *, trial_id: str
+) -> tuple[Config, TuningError | None]:
+    """The trial's config (its run named ``<search>/<trial id>``, the search's tracking and
+    stage-2 settings); an invalid sample gives the base config and the error, so the
+    error is reported through the trial's MLflow run before it is raised."""
     invalid: TuningError | None = None
     try:
         cfg = trial_config(c.base, overrides)
-    except TuningError as exc:  # reported through the trial's MLflow run, then raised
+    except TuningError as exc:
         cfg, invalid = config_from_dict(c.base), exc
     train = cfg.train
     cfg = dataclasses.replace(
@@ -96,46 +122,39 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             train, stage2=dataclasses.replace(train.stage2, enabled=c.stage2)
         ),
     )
+    return cfg, invalid
+
+
+def _train(
+    cfg: Config, c: TrialContext, *, spec: MetricSpec, tracker: Any, run_id: str | None
+) -> dict[str, Any]:
+    """Run the pipeline with every stage-1 epoch reported to Tune; the closing report."""
+    from ageray.training.pipeline import run_pipeline
+    from ageray.tuning.callbacks import TrialReportCallback
+
     epochs = cfg.train.stage1.epochs
-    tracker = Tracker(cfg, enabled=bool(c.tracking_uri))
-    params = {f"tune.{k}": v for k, v in overrides.items()}
-    params.update({"tune.trial_id": trial_id, "tune.label": space.label(config)})
-    run_id = open_trial_run(
-        tracker, search=c.search, trial_id=trial_id, parent_run_id=c.parent_run_id, params=params
+    num_params = count_model_parameters(cfg)
+    tracker.log_metrics(run_id, {"num_params": num_params})
+    callback = TrialReportCallback(
+        metric=spec.name,
+        weight=spec.weight,
+        constants={"num_params": num_params},
+        tracking_uri=tracker.uri if tracker.enabled else None,
+        run_id=run_id,
     )
-    try:
-        if invalid is not None:
-            raise invalid
-        num_params = count_model_parameters(cfg)
-        tracker.log_metrics(run_id, {"num_params": num_params})
-        callback = TrialReportCallback(
-            metric=spec.name,
-            weight=spec.weight,
-            constants={"num_params": num_params},
-            tracking_uri=tracker.uri if tracker.enabled else None,
-            run_id=run_id,
-        )
-        result = run_pipeline(
-            cfg,
-            tracker=tracker,
-            evaluate=c.evaluate,
-            register=False,
-            run_id=run_id,
-            child_runs=("stage2",),
-            stage1_callbacks=[callback],
-        )
-        final = closing_report(result, spec, epochs=epochs, num_params=num_params)
-        stage2 = {k: v for k, v in final.items() if k.startswith("stage2_")}
-        tracker.log_metrics(run_id, {**stage2, "epochs_run": epochs})
-        tracker.set_tags(run_id, {"ageray.tune.outcome": "completed"})
-        tracker.end(run_id, "FINISHED")
-    except Exception as exc:
-        tracker.set_tags(
-            run_id, {"ageray.tune.outcome": "failed", "ageray.tune.error": short_error(exc)}
-        )
-        tracker.end(run_id, "FAILED")
-        raise
-    tune.report(final)
+    result = run_pipeline(
+        cfg,
+        tracker=tracker,
+        evaluate=c.evaluate,
+        register=False,
+        run_id=run_id,
+        child_runs=("stage2",),
+        stage1_callbacks=[callback],
+    )
+    final = closing_report(result, spec, epochs=epochs, num_params=num_params)
+    stage2 = {k: v for k, v in final.items() if k.startswith("stage2_")}
+    tracker.log_metrics(run_id, {**stage2, "epochs_run": epochs})
+    return final
 
 
 def closing_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Literal
 
 from ageray.data.csvutil import CsvTable, find_column, read_csv
@@ -58,30 +59,12 @@ def iter_appa_real(
     root = require_folder(path, "appa-real", layout)
     report.source = report.source or "appa-real"
     splits = [splits] if isinstance(splits, str) else list(splits)
-    tables: list[tuple[str, CsvTable, _Columns]] = []
-    for split in splits:
-        cands = [root / f"gt_avg_{split}.csv", root / split / f"gt_avg_{split}.csv"]
-        csv_path = next((c for c in cands if c.is_file()), None)
-        if csv_path is None:
-            raise MissingInputError(
-                f"appa-real importer: no gt_avg_{split}.csv in {root} or {root / split}; "
-                f"expected {layout}, or pass splits=[...] naming only the splits you have"
-            )
-        table = read_csv(csv_path, header=True)
-        tables.append((split, table, _columns(table, label)))  # every csv checked up front
+    tables = [_split_table(root, split, label, layout) for split in splits]  # all checked first
     keys = KeyMaker()
-    for split, table, (c_file, c_real, c_app, c_std) in tables:
+    for split, table, cols in tables:
         for where, row in csv_rows(table, report, progress=progress, desc=f"appa-real {split}"):
             try:
-                file_name = row[c_file]
-                if c_real is not None:
-                    age, std = parse_age(row[c_real]), None
-                else:
-                    assert c_app is not None
-                    age = parse_age(row[c_app])
-                    std = None
-                    if c_std is not None and row[c_std]:
-                        std = parse_age(row[c_std], field="age_std")
+                file_name, age, std = _row_labels(row, cols)
             except IndexError:
                 report.skip("bad_row", where)
                 continue
@@ -103,6 +86,35 @@ def iter_appa_real(
                 if label == "apparent" and std is None:
                     report.note_partial("missing_age_std", where)
                 yield rec
+
+
+def _split_table(root: Path, split: str, label: str, layout: str) -> tuple[str, CsvTable, _Columns]:
+    """(split, its ``gt_avg_<split>.csv``, the columns ``label`` reads), found at the root or
+    inside the split folder."""
+    cands = [root / f"gt_avg_{split}.csv", root / split / f"gt_avg_{split}.csv"]
+    csv_path = next((c for c in cands if c.is_file()), None)
+    if csv_path is None:
+        raise MissingInputError(
+            f"appa-real importer: no gt_avg_{split}.csv in {root} or {root / split}; "
+            f"expected {layout}, or pass splits=[...] naming only the splits you have"
+        )
+    table = read_csv(csv_path, header=True)
+    return split, table, _columns(table, label)
+
+
+def _row_labels(row: list[str], cols: _Columns) -> tuple[str, float, float | None]:
+    """(file name, age, age std or None) of one row; raises ``IndexError`` (a short row) or
+    ``LabelError``."""
+    c_file, c_real, c_app, c_std = cols
+    file_name = row[c_file]
+    if c_real is not None:
+        return file_name, parse_age(row[c_real]), None
+    assert c_app is not None
+    age = parse_age(row[c_app])
+    std = None
+    if c_std is not None and row[c_std]:
+        std = parse_age(row[c_std], field="age_std")
+    return file_name, age, std
 
 
 _Columns = tuple[int, int | None, int | None, int | None]

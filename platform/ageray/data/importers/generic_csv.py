@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ageray.data.csvutil import find_column, read_csv
 from ageray.data.importers.common import (
@@ -58,12 +59,7 @@ def iter_csv(
     keys = KeyMaker()
     for where, row in csv_rows(table, report, progress=progress, desc="csv"):
         try:
-            rel = row[c_path]
-            age = parse_age(row[c_age])
-            cells = {n: (row[c] if c is not None else "") for n, c in optional.items()}
-            std = parse_age(cells["age_std"], field="age_std") if cells["age_std"] else None
-            gender = parse_gender(cells["gender"])
-            race = parse_race(cells["race"])
+            rel, cells, labels = _row_labels(row, c_path=c_path, c_age=c_age, optional=optional)
         except IndexError:
             report.skip("bad_row", where)
             continue
@@ -73,29 +69,44 @@ def iter_csv(
         if not rel:
             report.skip("bad_row", where)
             continue
-        identity = cells["identity"] or None
-        try:
-            p = Path(rel).expanduser()
-        except RuntimeError:  # "~someone/x" for a user this machine does not know
+        located = _image_path(rel, base)
+        if located is None:
             report.skip("bad_path", where)
             continue
-        img = p if p.is_absolute() else base / rel
-        key_text = strip_ext(img.relative_to(base).as_posix() if not p.is_absolute() else rel)
-        rec = emit_file(
-            report,
-            keys,
-            img,
-            where=where,
-            key_text=key_text,
-            verify=verify,
-            age=age,
-            age_std=std,
-            gender=gender,
-            race=race,
-            identity=identity,
-        )
+        img, key_text = located
+        rec = emit_file(report, keys, img, where=where, key_text=key_text, verify=verify, **labels)
         if rec is not None:
             for name, c in optional.items():
                 if c is not None and not cells[name]:
                     report.note_partial(f"missing_{name}", where)
             yield rec
+
+
+def _row_labels(
+    row: list[str], *, c_path: int, c_age: int, optional: dict[str, int | None]
+) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(relative path, the optional columns' cells, the record's label keywords) of one row;
+    raises ``IndexError`` (a short row) or ``LabelError``."""
+    rel = row[c_path]
+    age = parse_age(row[c_age])
+    cells = {n: (row[c] if c is not None else "") for n, c in optional.items()}
+    std = parse_age(cells["age_std"], field="age_std") if cells["age_std"] else None
+    labels = {
+        "age": age,
+        "age_std": std,
+        "gender": parse_gender(cells["gender"]),
+        "race": parse_race(cells["race"]),
+        "identity": cells["identity"] or None,
+    }
+    return rel, cells, labels
+
+
+def _image_path(rel: str, base: Path) -> tuple[Path, str] | None:
+    """(image path, key text) of a csv path, relative to ``base`` unless absolute; None for
+    ``~someone/x`` naming a user this machine does not know."""
+    try:
+        p = Path(rel).expanduser()
+    except RuntimeError:
+        return None
+    img = p if p.is_absolute() else base / rel
+    return img, strip_ext(img.relative_to(base).as_posix() if not p.is_absolute() else rel)

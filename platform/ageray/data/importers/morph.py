@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import date, datetime
+from pathlib import Path
+from typing import NamedTuple
 
-from ageray.data.csvutil import find_column, read_csv
+from ageray.data.csvutil import CsvTable, find_column, read_csv
 from ageray.data.importers.common import (
     KeyMaker,
     SkipRow,
@@ -78,49 +80,96 @@ def iter_morph(
     csv_path = find_csv(root, "morph", "morph.csv", layout)
     base = images_root_of(csv_path, images_root) if images_root else csv_path.parent
     table = read_csv(csv_path, header=True)
-
-    def col(opt: str, value: str | None, cands: list[str], required: bool) -> int | None:
-        return find_column(table, [value] if value else cands, option=opt, required=required)
-
-    c_path = col(
-        "path_col",
-        path_col,
-        ["photo", "file", "filename", "file_name", "path", "image"],
-        required=path_template is None,
+    chosen = {
+        "path_col": path_col,
+        "id_col": id_col,
+        "age_col": age_col,
+        "gender_col": gender_col,
+        "race_col": race_col,
+        "dob_col": dob_col,
+        "doa_col": doa_col,
+    }
+    cols = _find_columns(table, chosen, csv_path=csv_path, need_path=path_template is None)
+    report.source = report.source or "morph"
+    yield from _records(
+        table,
+        report,
+        cols,
+        base=base,
+        path_template=path_template,
+        verify=verify,
+        progress=progress,
     )
-    c_id = col("id_col", id_col, ["id_num", "id", "subject_id", "subject"], required=False)
-    c_age = col("age_col", age_col, ["age"], required=False)
-    c_gender = col("gender_col", gender_col, ["gender", "sex"], required=False)
-    c_race = col("race_col", race_col, ["race", "ethnicity"], required=False)
-    c_dob = col("dob_col", dob_col, ["dob"], required=False)
-    c_doa = col("doa_col", doa_col, ["doa"], required=False)
-    if c_age is None and (c_dob is None or c_doa is None):
+
+
+# option -> the header names it defaults to (case- and punctuation-insensitive)
+_COLUMN_NAMES = {
+    "path_col": ["photo", "file", "filename", "file_name", "path", "image"],
+    "id_col": ["id_num", "id", "subject_id", "subject"],
+    "age_col": ["age"],
+    "gender_col": ["gender", "sex"],
+    "race_col": ["race", "ethnicity"],
+    "dob_col": ["dob"],
+    "doa_col": ["doa"],
+}
+
+
+class _Columns(NamedTuple):
+    """Column indices of one Morph csv (None: the csv has no such column)."""
+
+    path: int | None
+    id: int | None
+    age: int | None
+    gender: int | None
+    race: int | None
+    dob: int | None
+    doa: int | None
+
+
+def _find_columns(
+    table: CsvTable, chosen: dict[str, str | None], *, csv_path: Path, need_path: bool
+) -> _Columns:
+    """The columns the options name, else the first default name found; the path column is
+    required unless a ``path_template`` builds the paths, and an age needs age or dob+doa."""
+    cols = _Columns(
+        *(
+            find_column(
+                table,
+                [chosen[opt]] if chosen[opt] else names,
+                option=opt,
+                required=need_path and opt == "path_col",
+            )
+            for opt, names in _COLUMN_NAMES.items()
+        )
+    )
+    if cols.age is None and (cols.dob is None or cols.doa is None):
         raise InputError(
             f"morph importer: {csv_path} has neither an age column nor dob+doa columns "
             f"(header: {table.header}); choose them with the importer options age_col=<column> "
             "or dob_col=<column> and doa_col=<column> (jobs.make_shards: --importer-option)"
         )
+    return cols
+
+
+def _records(
+    table: CsvTable,
+    report: ImportReport,
+    cols: _Columns,
+    *,
+    base: Path,
+    path_template: str | None,
+    verify: Verify,
+    progress: bool,
+) -> Iterator[Record]:
+    """One record per usable row; every other row is counted in ``report`` by its reason."""
     header = table.header or []
-    report.source = report.source or "morph"
     keys = KeyMaker()
     for where, row in csv_rows(table, report, progress=progress, desc="morph"):
         if len(row) < len(header):
             report.skip("bad_row", where)
             continue
         try:
-            if c_path is not None:
-                rel = row[c_path]
-            else:
-                assert path_template is not None
-                rel = path_template.format(**dict(zip(header, row)))
-            if c_age is not None and row[c_age]:
-                age = parse_age(row[c_age])
-            elif c_dob is not None and c_doa is not None:
-                age = parse_age(_years_between(_parse_date(row[c_dob]), _parse_date(row[c_doa])))
-            else:
-                raise SkipRow("bad_age")
-            gender = parse_gender(row[c_gender]) if c_gender is not None else None
-            race = parse_race(row[c_race]) if c_race is not None else None
+            rel, age, gender, race = _row_labels(row, header, cols, path_template)
         except LabelError as e:
             report.skip(e.reason, where)
             continue
@@ -130,12 +179,11 @@ def iter_morph(
         if not rel:
             report.skip("bad_row", where)
             continue
-        identity = (row[c_id] or None) if c_id is not None else None
-        img = base / rel.replace("\\", "/")
+        identity = (row[cols.id] or None) if cols.id is not None else None
         rec = emit_file(
             report,
             keys,
-            img,
+            base / rel.replace("\\", "/"),
             where=where,
             key_text=strip_ext(rel.replace("\\", "/")),
             verify=verify,
@@ -145,7 +193,28 @@ def iter_morph(
             identity=identity,
         )
         if rec is not None:
-            for name, c, v in (("gender", c_gender, gender), ("race", c_race, race)):
+            for name, c, v in (("gender", cols.gender, gender), ("race", cols.race, race)):
                 if c is not None and v is None:
                     report.note_partial(f"missing_{name}", where)
             yield rec
+
+
+def _row_labels(
+    row: list[str], header: list[str], cols: _Columns, path_template: str | None
+) -> tuple[str, float, int | None, int | None]:
+    """(relative image path, age, gender, race) of one row; raises ``LabelError`` (a bad
+    label) or what a ``path_template`` that does not fit the row raises."""
+    if cols.path is not None:
+        rel = row[cols.path]
+    else:
+        assert path_template is not None
+        rel = path_template.format(**dict(zip(header, row)))
+    if cols.age is not None and row[cols.age]:
+        age = parse_age(row[cols.age])
+    elif cols.dob is not None and cols.doa is not None:
+        age = parse_age(_years_between(_parse_date(row[cols.dob]), _parse_date(row[cols.doa])))
+    else:
+        raise SkipRow("bad_age")
+    gender = parse_gender(row[cols.gender]) if cols.gender is not None else None
+    race = parse_race(row[cols.race]) if cols.race is not None else None
+    return rel, age, gender, race
