@@ -81,6 +81,8 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ageray.redaction import install as install_redaction
+from ageray.redaction import redact, remember_uris
 from ageray.serving import (
     Admission,
     BatchWindow,
@@ -228,11 +230,16 @@ class AgeEstimator:
 
     def __init__(self, model_uri: str | None = None, settings: dict[str, Any] | None = None):
         uri = model_uri or os.environ.get(MODEL_URI_ENV)
+        # Once per replica, before anything logs: no credential (in a model URI, the
+        # environment) in this replica's log records, Ray's and Serve's included, its
+        # stdout/stderr or a traceback (ageray.redaction).
+        install_redaction()
         if not uri:
             raise ValueError(
                 "no model to serve: pass model_uri=models:/<name>@<alias> to the app builder "
                 f"(serve run serve.app:app model_uri=...) or set {MODEL_URI_ENV}"
             )
+        remember_uris([uri])
         self._init_settings = ServeSettings.from_mapping({**(settings or {}), "model_uri": uri})
         self._init_settings.check_auth_configured()  # fail closed before loading anything
         self._settings = self._init_settings
@@ -318,13 +325,14 @@ class AgeEstimator:
             if not new.model_uri:
                 new.model_uri = self._init_settings.model_uri
             new.check_auth_configured()
+            remember_uris([new.model_uri or ""])  # its parts, however an error quotes them
             current = self._served
             try:
                 served = await self._maybe_load(new, current)
             except Exception as exc:  # any load failure: keep serving the old model
                 if current is None:
                     raise
-                self._swap_error = (
+                self._swap_error = redact(  # an API field: no credential of the URI in it
                     f"loading {new.model_uri!r} failed, still serving "
                     f"{current.registry.get('uri')!r} (version "
                     f"{current.registry.get('version')}): {type(exc).__name__}: {exc}"
@@ -621,6 +629,8 @@ def app(args: AppArgs) -> Application:
     """
     import ray
 
+    install_redaction()  # the serve run console and this process's logs (ageray.redaction)
+    remember_uris([args.model_uri or os.environ.get(MODEL_URI_ENV) or ""])
     if not ray.is_initialized():
         install_edge_guard()
     settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
