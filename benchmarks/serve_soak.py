@@ -9,8 +9,8 @@ random weights) on a local Ray with Serve's default proxy, then sends ``--reques
 requests from ``--clients`` closed-loop clients (each sends its next request when the
 previous one is answered, so the load is bounded), cycling through a fixed mix:
 
-* valid: one JPEG (64, 200 and 640 px), one PNG, a multipart upload of three images, a
-  JSON body with two base64 images;
+* valid: one JPEG (64, 200 and 640 px, and a 2000 x 1500 photo), one PNG, a multipart
+  upload of three images, a JSON body with two base64 images;
 * hostile: corrupt bytes behind a JPEG signature, a truncated JPEG, a PNG whose header
   claims 40000 x 40000 pixels, a wrong content type, an empty body, and a body over the
   per-image cap (rarer: 11 MB each).
@@ -22,8 +22,9 @@ measured). It prints a markdown table, the status counts (no 5xx other than 503 
 allowed) and the growth of each process between the end of warm-up (``--warmup``
 requests, default 10%) and the end: the target is <= 10%.
 
-Run it on an idle machine for figures; ``MALLOC_ARENA_MAX`` for the replica comes from
-serve/config.yaml (``--arena-max`` overrides it, ``--arena-max 0`` removes it, to compare).
+Run it on an idle machine for figures. The replica's allocator settings (``MALLOC_ARENA_MAX``,
+``MALLOC_MMAP_THRESHOLD_``) come from serve/config.yaml; ``--malloc off`` drops them, to
+compare.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def _encode(size: int, fmt: str, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _photo(width: int, height: int) -> bytes:
+    """A smooth camera-sized JPEG (a photo, not a face chip: decoded whole, ~9 MB RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([(x * 255 // width), (y * 255 // height), ((x + y) % 256)], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _png_header_claiming(width: int, height: int) -> bytes:
     """A PNG signature + IHDR saying ``width x height``, then a tiny IDAT: the size check
     must refuse it from the header alone."""
@@ -84,6 +97,7 @@ def request_mix() -> list[tuple[str, dict[str, Any]]]:
     """(name, aiohttp request kwargs) in the order the clients cycle through them."""
     jpg64, jpg200, jpg640 = (_encode(s, "JPEG", s) for s in (64, 200, 640))
     png200 = _encode(200, "PNG", 7)
+    photo = _photo(2000, 1500)
     jpeg, js = {"Content-Type": "image/jpeg"}, {"Content-Type": "application/json"}
 
     def multipart() -> Any:
@@ -99,6 +113,7 @@ def request_mix() -> list[tuple[str, dict[str, Any]]]:
         ("jpeg 64", {"data": jpg64, "headers": jpeg}),
         ("jpeg 200", {"data": jpg200, "headers": jpeg}),
         ("jpeg 640", {"data": jpg640, "headers": jpeg}),
+        ("jpeg 2000x1500", {"data": photo, "headers": jpeg}),
         ("png 200", {"data": png200, "headers": {"Content-Type": "image/png"}}),
         ("multipart x3", {"data": multipart}),
         ("json x2", {"data": json.dumps({"images": b64}), "headers": js}),
@@ -169,9 +184,10 @@ def rss_mb(pid: int) -> float:
 # ------------------------------------------------------------------ deploy and load
 
 
-def deploy(model_dir: Path, arena_max: str | None) -> None:
+def deploy(model_dir: Path, malloc: str) -> None:
     """serve/config.yaml's application with this model (its deployment options and
-    runtime_env kept; one replica; the benchmark's own name and route)."""
+    runtime_env kept; one replica; the benchmark's own name and route). ``malloc="off"``
+    drops the file's ``MALLOC_*`` settings for the replica, to compare."""
     import yaml
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -183,14 +199,11 @@ def deploy(model_dir: Path, arena_max: str | None) -> None:
     dep = app["deployments"][0]
     dep.pop("autoscaling_config", None)
     dep["num_replicas"] = 1
-    env = dep.setdefault("ray_actor_options", {}).setdefault("runtime_env", {})
-    env_vars = env.setdefault("env_vars", {})
-    if arena_max == "0":  # off: neither the app's nor the deployment's setting
-        env_vars.pop("MALLOC_ARENA_MAX", None)
-        app.get("runtime_env", {}).get("env_vars", {}).pop("MALLOC_ARENA_MAX", None)
-    elif arena_max is not None:
-        env_vars["MALLOC_ARENA_MAX"] = arena_max
     dep["user_config"] = {**dep.get("user_config", {}), "device": "cpu"}
+    if malloc == "off":
+        for env in (app.get("runtime_env"), dep.get("ray_actor_options", {}).get("runtime_env")):
+            for key in [k for k in (env or {}).get("env_vars", {}) if k.startswith("MALLOC_")]:
+                del env["env_vars"][key]
     schema = ServeDeploySchema.model_validate({"applications": [app], "proxy_location": "HeadOnly"})
     _get_global_client().deploy_apps(schema)  # not Serve's 60 s wait: ONNX export + warm-up
 
@@ -298,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=1000, help="requests between memory samples")
     p.add_argument("--warmup", type=int, help="requests before growth counts (default 10%%)")
     p.add_argument("--image-size", type=int, default=112, help="model input size (default 112)")
-    p.add_argument("--arena-max", help="MALLOC_ARENA_MAX for the replica (0: unset)")
+    p.add_argument(
+        "--malloc",
+        choices=("config", "off"),
+        default="config",
+        help="the replica's MALLOC_* settings: serve/config.yaml's, or none (to compare)",
+    )
     args = p.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else max(args.every, args.requests // 10)
     sys.path.insert(0, str(ROOT))
@@ -321,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     try:
-        deploy(model_dir, args.arena_max)
+        deploy(model_dir, args.malloc)
         wait_ready(f"http://127.0.0.1:{port}")
-        print(f"deployed; pids {find_pids()}; {args.requests} requests, {args.clients} clients",
+        print(f"deployed (malloc: {args.malloc}); pids {find_pids()}; {args.requests} requests, "
+              f"{args.clients} clients",
               flush=True)  # fmt: skip
         samples, statuses = asyncio.run(soak(f"http://127.0.0.1:{port}", request_mix(), args))
     finally:
