@@ -83,10 +83,10 @@ def setup_logging(verbose_: bool | None = None) -> None:
         level=os.environ.get("AGERAY_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from ageray.redaction import RedactingFilter
+    from ageray.redaction import install as install_redaction
 
-    for handler in logging.getLogger().handlers:  # no credentials in any library's log line
-        handler.addFilter(RedactingFilter())
+    # no credentials in any log line (ageray's, Ray's, MLflow's), console line or traceback
+    install_redaction()
     for noisy in ("urllib3", "botocore", "alembic", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if loud:

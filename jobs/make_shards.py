@@ -411,6 +411,11 @@ def _finish(
     from ageray.data.records import printable
 
     print(report.summary())
+    if dups := manifest["skipped"].get("duplicate_image", 0):  # same bytes, another name
+        print(
+            f"duplicates: {dups} identical file(s) skipped (kept the first of each; "
+            "examples under skipped_examples in manifest.json)"
+        )
     print(manifest_summary(manifest, printable(args.output)))
     total = sum(s["count"] for s in manifest["splits"].values())
     print(f"done in {time.time() - start:.1f}s")

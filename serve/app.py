@@ -82,6 +82,8 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ageray.inference import Prepared
+from ageray.redaction import install as install_redaction
+from ageray.redaction import redact, remember_uris
 from ageray.serving import (
     Admission,
     BatchWindow,
@@ -106,6 +108,7 @@ from ageray.serving.schema import PREDICT_RESPONSES
 log = logging.getLogger("ray.serve")
 
 MODEL_URI_ENV = "AGERAY_MODEL_URI"
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 api = FastAPI(
     title="ageray",
@@ -218,7 +221,9 @@ class _QueuedImage:
     max_ongoing_requests=64,
     max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
-    ray_actor_options={"num_cpus": 1},
+    # glibc malloc for the replica as serve/config.yaml sets it (why: there): RSS that
+    # settles, ~150 MB lower (benchmarks/serve_soak.py)
+    ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": MALLOC_ENV}},
     health_check_period_s=10,
     graceful_shutdown_timeout_s=20,
 )
@@ -228,11 +233,16 @@ class AgeEstimator:
 
     def __init__(self, model_uri: str | None = None, settings: dict[str, Any] | None = None):
         uri = model_uri or os.environ.get(MODEL_URI_ENV)
+        # Once per replica, before anything logs: no credential (in a model URI, the
+        # environment) in this replica's log records, Ray's and Serve's included, its
+        # stdout/stderr or a traceback (ageray.redaction).
+        install_redaction()
         if not uri:
             raise ValueError(
                 "no model to serve: pass model_uri=models:/<name>@<alias> to the app builder "
                 f"(serve run serve.app:app model_uri=...) or set {MODEL_URI_ENV}"
             )
+        remember_uris([uri])
         self._init_settings = ServeSettings.from_mapping({**(settings or {}), "model_uri": uri})
         self._init_settings.check_auth_configured()  # fail closed before loading anything
         self._settings = self._init_settings
@@ -318,13 +328,14 @@ class AgeEstimator:
             if not new.model_uri:
                 new.model_uri = self._init_settings.model_uri
             new.check_auth_configured()
+            remember_uris([new.model_uri or ""])  # its parts, however an error quotes them
             current = self._served
             try:
                 served = await self._maybe_load(new, current)
             except Exception as exc:  # any load failure: keep serving the old model
                 if current is None:
                     raise
-                self._swap_error = (
+                self._swap_error = redact(  # an API field: no credential of the URI in it
                     f"loading {new.model_uri!r} failed, still serving "
                     f"{current.registry.get('uri')!r} (version "
                     f"{current.registry.get('version')}): {type(exc).__name__}: {exc}"
@@ -622,6 +633,8 @@ def app(args: AppArgs) -> Application:
     """
     import ray
 
+    install_redaction()  # the serve run console and this process's logs (ageray.redaction)
+    remember_uris([args.model_uri or os.environ.get(MODEL_URI_ENV) or ""])
     if not ray.is_initialized():
         install_edge_guard()
     settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}

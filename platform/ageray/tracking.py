@@ -46,6 +46,7 @@ __all__ = [
     "Tracker",
     "TrackingUnavailable",
     "check_tracking",
+    "ensure_store_folder",
     "git_commit",
     "log_model",
     "manifest_digest",
@@ -70,7 +71,9 @@ def resolve_tracking_uri(cfg: Config) -> str:
     """Config, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<storage>/mlflow.db``.
 
     A storage path on S3 cannot hold a sqlite file; then the embedded store goes under
-    ``./runs``.
+    ``./runs``. Creates nothing: a job that resolves the URI but tracks nothing
+    (``--no-tracking``) must not leave an empty ``runs/`` in its working folder
+    (:func:`ensure_store_folder` makes the folder when a tracker opens the store).
     """
     if cfg.tracking.uri:
         return cfg.tracking.uri
@@ -79,8 +82,14 @@ def resolve_tracking_uri(cfg: Config) -> str:
         return env
     storage = cfg.run.storage_path
     base = Path(storage) if "://" not in storage else Path("runs")
-    base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+
+
+def ensure_store_folder(uri: str) -> None:
+    """The folder of an embedded sqlite store, created before MLflow opens it (sqlite
+    creates the file, not its folders)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _local_artifact_root(uri: str) -> str | None:
@@ -262,6 +271,7 @@ class Tracker:
         if not self.enabled:
             return
         check_tracking(self.uri)
+        ensure_store_folder(self.uri)
         if redact(self.uri) != self.uri:  # MLflow prints run links with the URI as given
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         import mlflow

@@ -216,3 +216,71 @@ def test_tracker_stores_no_credentials(tmp_path: Path, monkeypatch: pytest.Monke
     assert params["model.pretrained"].endswith("r18.pth?X-Amz-Security-Token=***")
     assert "\n  shards: s3://***@bucket/shards\n" in blob  # config/resolved.yaml
     assert "read s3://***@bucket/shards failed: ***" in blob  # the tag
+
+
+# ------------------------------------------------------------------ at every exit (issue 21)
+
+
+def test_bare_userinfo_and_remembered_uri_parts_are_redacted() -> None:
+    """How libraries quote a URI's parts in their errors: botocore names the "bucket"
+    ``KEY:SECRET@bucket``, others quote the password alone or URL-decoded."""
+    from ageray.redaction import remember_uris
+
+    bucket_error = 'Invalid bucket name "AKIAREMEMBER0001:s3-pa55-remembered@bucket": ...'
+    assert redact(bucket_error, environ={}) == 'Invalid bucket name "***@bucket": ...'
+    for keep in ("models:/ageray@candidate", "at 12:00:01 user@host", "ray://***@head:1"):
+        assert redact(keep, environ={}) == keep
+    remember_uris(
+        ["--model", "s3://AKIAREMEMBER0001:s3-pa55%2Fremembered@b/m?X-Amz-Signature=sig-remem-42"]
+    )
+    text = "auth failed for AKIAREMEMBER0001 with s3-pa55/remembered (sig sig-remem-42)"
+    assert redact(text) == "auth failed for *** with *** (sig ***)"
+
+
+def test_install_redacts_every_logger_the_console_and_tracebacks(tmp_path: Path) -> None:
+    """In a fresh interpreter (install changes process-wide hooks): a logger created after
+    install with its own handler (as Ray's and Serve's are), an exception logged with its
+    traceback, a print, and the traceback that ends the process: none holds the secret."""
+    import subprocess
+    import sys
+
+    secret = "canary-pa55word-in-the-uri"
+    code = f"""
+import logging, sys
+from ageray.redaction import install
+install()
+late = logging.getLogger("ray.serve.late")  # like Ray's: own handler, no propagation
+handler = logging.StreamHandler(sys.stderr)
+handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+late.addHandler(handler)
+late.propagate = False
+uri = "s3://AKIAKEY00000000:{secret}@bucket/model"
+late.error("loading %s failed", uri)
+try:
+    raise ValueError("Invalid bucket name " + uri.split("//")[1])
+except ValueError:
+    late.exception("swap failed")
+print("console:", uri.replace("s3://AKIAKEY00000000:", ""))
+raise RuntimeError("cannot read " + uri)
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, f"--set=model_uri=s3://x:{secret}@b/m"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root / "platform"), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "RuntimeError: cannot read s3://***@bucket/model" in out
+    assert "loading s3://***@bucket/model failed" in out
+    assert "Invalid bucket name ***@bucket" in out and "console: ***@bucket/model" in out
+    assert secret not in out, out
+
+
+def test_serve_errors_redact_their_messages() -> None:
+    from ageray.serving.errors import ServeError
+
+    err = ServeError.http(404, "no route for /v1/x?X-Amz-Signature=abc123&user=http://u:pw@h")
+    assert "abc123" not in err.message and ":pw@" not in err.message
+    assert err.body()["error"]["message"] == err.message and "***" in err.message

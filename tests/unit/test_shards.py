@@ -515,7 +515,7 @@ def test_make_shards_cli_imports_non_utf8_names(tmp_path: Path) -> None:
             path = os.path.join(root, person, b"%d.jpg" % i)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                f.write(jpeg(i, 20))
+                f.write(jpeg(i + 10 * len(person), 20))  # other bytes: no duplicates
     csv_dir = tmp_path / "csv"
     csv_dir.mkdir()
     with open(os.fsencode(csv_dir) + b"/caf\xe9.jpg", "wb") as f:

@@ -401,14 +401,16 @@ def test_fault_waits_for_the_previous_checkpoint_to_be_registered(
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ageray.tracking import resolve_tracking_uri
+    from ageray.tracking import ensure_store_folder, resolve_tracking_uri
 
     cfg = Config()
     cfg.run.storage_path = str(tmp_path / "store")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = resolve_tracking_uri(cfg)
     assert uri == f"sqlite:///{(tmp_path / 'store').resolve() / 'mlflow.db'}"
-    assert (tmp_path / "store").is_dir()
+    assert not (tmp_path / "store").exists()  # resolving creates nothing ...
+    ensure_store_folder(uri)
+    assert (tmp_path / "store").is_dir()  # ... the tracker makes the folder when it opens it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert resolve_tracking_uri(cfg) == "http://env:5000"
     cfg.tracking.uri = "http://config:5000"

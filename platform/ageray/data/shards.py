@@ -37,13 +37,15 @@ either no manifest or a manifest whose shards all exist. One writer per output a
 **Manifest.** As in docs/design.md (its format lives in ``ageray.data.manifest``), plus:
 each shard's ``age_hist`` (a class-balanced stream reads shards covering every age first),
 ``skipped`` / ``skipped_total`` / ``skipped_examples`` for records the writer dropped
-(``not_image``, ``truncated``, ``duplicate_key``, ``transform_dropped``, ``transform_error``
+(``not_image``, ``truncated``, ``duplicate_key``, ``duplicate_image`` (the same
+bytes as an earlier file), ``transform_dropped``, ``transform_error``
 and the label check's reasons, ``bad_age``, ``age_out_of_range``, ``bad_gender``, ...; the
 importer's own skips are under ``import``) and ``align.enabled``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -51,9 +53,8 @@ import logging
 import os
 import tarfile
 import tempfile
-import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +64,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ageray.data import storage
+from ageray.data.dedup import ContentDedup, SkipLog, content_digest
 from ageray.data.labels import LabelError, check_labels
 from ageray.data.manifest import (
     FORMAT,
@@ -117,6 +119,7 @@ class _Checked:
     box: list[float] | None = None
     skip: str | None = None
     detail: str = ""
+    digest: bytes = b""
 
 
 def _check_record(
@@ -139,7 +142,7 @@ def _check_record(
         )
     except LabelError as exc:
         return _Checked(None, skip=exc.reason, detail=f"{name}: {exc}")
-    data = record.image
+    data = record_bytes = record.image  # the file as imported: what duplicates share
     try:
         img = decode_image(data, name=name) if verify else None
         if transform is None:
@@ -174,7 +177,14 @@ def _check_record(
         img.save(buf, "PNG")
         data, ext = buf.getvalue(), "png"
     box = getattr(record, "box", None)
-    return _Checked(record, image=data, ext=ext, size=size, box=list(box) if box else None)
+    return _Checked(
+        record,
+        image=data,
+        ext=ext,
+        size=size,
+        box=list(box) if box else None,
+        digest=content_digest(record_bytes),
+    )
 
 
 class _Staging:
@@ -209,6 +219,17 @@ class _Staging:
             )
         )
         self.offset += len(prep.image)
+
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(cls, tmp_dir: str | None) -> Iterator[_Staging]:
+        """A staging file in a fresh temp folder, closed and removed afterwards."""
+        with tempfile.TemporaryDirectory(prefix="ageray-shards-", dir=tmp_dir) as tmp:
+            staging = cls(tmp)
+            try:
+                yield staging
+            finally:
+                staging.close()
 
     def finish(self) -> None:
         self._fh.close()
@@ -407,71 +428,76 @@ def write_shards(
     ``report`` is the importer's report, stored under ``"import"``; pass it after the
     importer has been consumed (the writer consumes ``records`` before writing the manifest).
     ``verify_images`` decodes every image once so corrupt files are dropped here (counted by
-    reason) instead of in every training epoch. ``protocol`` (``ageray.data.protocols``:
-    by identity or at random, k-fold, leave one person out, an official list) decides the
-    splits instead of ``splits`` and ``seed``. See the module docstring for the rules.
+    reason) instead of in every training epoch; identical files are kept once. ``protocol``
+    (``ageray.data.protocols``) decides the splits instead of ``splits`` and ``seed``.
     """
     output = str(output).rstrip("/") if storage.is_s3(output) else str(output)
-    fractions = parse_splits(splits)
     if protocol is None:
-        protocol = SplitProtocol(fractions=fractions, seed=seed)
-    if max_count < 1:
-        raise ValueError(f"max_count={max_count} must be at least 1")
-    if max_bytes < 4 * _BLOCK:
-        raise ValueError(f"max_bytes={max_bytes} is too small for even one sample")
-    workers = max(1, int(workers))
-    skipped: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {}
+        protocol = SplitProtocol(fractions=parse_splits(splits), seed=seed)
+    cut = _Cut(max_count=max_count, max_bytes=max_bytes, seed=seed, classes=num_classes)
+    workers, skips = max(1, int(workers)), SkipLog()
+    header = _header(source=source, input=input, options=options, protocol=protocol, cut=cut)
+    with _Staging.temporary(tmp_dir) as staging:
+        _pass1(records, staging, transform, verify_images, workers, skips, progress)
+        staging.finish()
+        footer = {
+            "import": report.to_dict() if report is not None else None,
+            "align": _align_stats(align_stats, transform),
+            **skips.footer(),
+        }
+        return _pass2(
+            staging,
+            output,
+            protocol=protocol,
+            cut=cut,
+            workers=workers,
+            multipart_threshold=multipart_threshold,
+            progress=progress,
+            header=header,
+            footer=footer,
+        )
 
-    def skip(reason: str, detail: str) -> None:
-        skipped[reason] += 1
-        ex = examples.setdefault(reason, [])
-        if len(ex) < 5:
-            ex.append(detail)
 
-    with tempfile.TemporaryDirectory(prefix="ageray-shards-", dir=tmp_dir) as tmp:
-        staging = _Staging(tmp)
-        try:
-            _pass1(records, staging, transform, verify_images, workers, skip, progress)
-            staging.finish()
-            manifest = _pass2(
-                staging,
-                output,
-                protocol=protocol,
-                max_count=max_count,
-                max_bytes=max_bytes,
-                workers=workers,
-                seed=seed,
-                num_classes=num_classes,
-                multipart_threshold=multipart_threshold,
-                progress=progress,
-                header={
-                    "format": FORMAT,
-                    "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "source": source,
-                    "input": printable(str(input)),
-                    "options": {
-                        **dict(options or {}),
-                        "splits": dict(protocol.fractions)
-                        if protocol.name == "fractions"
-                        else None,
-                        "protocol": protocol.describe(),
-                        "seed": seed,
-                        "max_count": max_count,
-                        "max_bytes": max_bytes,
-                    },
-                },
-                footer={
-                    "import": report.to_dict() if report is not None else None,
-                    "align": _align_stats(align_stats, transform),
-                    "skipped": dict(sorted(skipped.items())),
-                    "skipped_total": sum(skipped.values()),
-                    "skipped_examples": examples,
-                },
-            )
-        finally:
-            staging.close()
-    return manifest
+@dataclass(frozen=True)
+class _Cut:
+    """How pass 2 orders a split (``seed``, age ``classes`` first) and cuts it into shards;
+    the sizes are checked here, before anything is imported."""
+
+    max_count: int
+    max_bytes: int
+    seed: int
+    classes: int
+
+    def __post_init__(self) -> None:
+        if self.max_count < 1:
+            raise ValueError(f"max_count={self.max_count} must be at least 1")
+        if self.max_bytes < 4 * _BLOCK:
+            raise ValueError(f"max_bytes={self.max_bytes} is too small for even one sample")
+
+
+def _header(
+    *,
+    source: str,
+    input: str,
+    options: Mapping[str, Any] | None,
+    protocol: SplitProtocol,
+    cut: _Cut,
+) -> dict[str, Any]:
+    """The manifest's first keys: what was imported and with which options."""
+    return {
+        "format": FORMAT,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": source,
+        "input": printable(str(input)),
+        "options": {
+            **dict(options or {}),
+            "splits": dict(protocol.fractions) if protocol.name == "fractions" else None,
+            "protocol": protocol.describe(),
+            "seed": cut.seed,
+            "max_count": cut.max_count,
+            "max_bytes": cut.max_bytes,
+        },
+    }
 
 
 def _align_stats(
@@ -497,6 +523,7 @@ def _pass1(
     """Import -> (transform, verify) in a thread pool, results consumed in input order so the
     outcome is deterministic; at most ``4 * workers`` records in flight."""
     inflight: deque[Future[_Checked]] = deque()
+    dedup = ContentDedup()
     bar = tqdm(desc="import", unit="img", disable=not progress, smoothing=0.1)
 
     def consume(fut: Future[_Checked]) -> None:
@@ -506,8 +533,13 @@ def _pass1(
             skip(prep.skip, prep.detail)
             return
         assert prep.record is not None
+        name = prep.record.source or prep.record.key
         if prep.record.key in staging.keys:
-            skip("duplicate_key", prep.record.source or prep.record.key)
+            skip("duplicate_key", name)
+            return
+        first = dedup.seen(prep.digest, name)
+        if first is not None:
+            skip("duplicate_image", f"{name} (same bytes as {first})")
             return
         staging.keys.add(prep.record.key)
         staging.add(prep)
@@ -533,58 +565,39 @@ def _pass2(
     output: str,
     *,
     protocol: SplitProtocol,
-    max_count: int,
-    max_bytes: int,
+    cut: _Cut,
     workers: int,
-    seed: int,
-    num_classes: int,
     multipart_threshold: int,
     progress: bool,
     header: dict[str, Any],
     footer: dict[str, Any],
 ) -> dict[str, Any]:
-    entries = staging.entries
-    identities = sorted({e.identity for e in entries if e.identity is not None})
+    """Assign splits, cut shards, write them in parallel, then the manifest (last)."""
+    identities = sorted({e.identity for e in staging.entries if e.identity is not None})
     identity_index = {name: i for i, name in enumerate(identities)}
-    by_split: dict[str, list[_Entry]] = {name: [] for name in protocol.split_names}
-    dropped = []
-    for e, split in zip(entries, protocol.assign([(e.key, e.identity) for e in entries])):
-        if split is None:  # an official split list that does not name this sample
-            dropped.append(e.key)
-            continue
-        by_split[split].append(e)
-        e.json_len = len(_labels_json(e, identity_index))
+    by_split, dropped = _assign(staging.entries, protocol, identity_index)
     if dropped:
         footer["skipped"] = {**footer["skipped"], "not_in_split_list": len(dropped)}
         footer["skipped_total"] += len(dropped)
         examples = {**footer["skipped_examples"], "not_in_split_list": dropped[:5]}
         footer["skipped_examples"] = examples
-    plans: dict[str, list[_ShardPlan]] = {}
-    for name, split_entries in by_split.items():
-        ordered = _order_split(split_entries, seed, num_classes)
-        plans[name] = _cut_shards(name, ordered, max_count, max_bytes)
+    plans = {
+        name: _cut_shards(
+            name, _order_split(entries, cut.seed, cut.classes), cut.max_count, cut.max_bytes
+        )
+        for name, entries in by_split.items()
+    }
     all_plans = [p for ps in plans.values() for p in ps]
-
     remove_manifest(output)  # readers must not pair an old manifest with new shards
-    infos: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    bar = tqdm(total=len(all_plans), desc="shards", unit="shard", disable=not progress)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="shards-write") as pool:
-            futures = [
-                pool.submit(
-                    _write_shard, plan, staging, output, identity_index, multipart_threshold
-                )
-                for plan in all_plans
-            ]
-            for fut in futures:
-                info = fut.result()
-                with lock:
-                    infos[info["name"]] = info
-                bar.update(1)
-    finally:
-        bar.close()
-
+    infos = _write_all(
+        all_plans,
+        staging,
+        output,
+        identity_index,
+        workers=workers,
+        multipart_threshold=multipart_threshold,
+        progress=progress,
+    )
     manifest: dict[str, Any] = dict(header)
     manifest["num_identities"] = len(identities)
     manifest["splits"] = {
@@ -595,6 +608,51 @@ def _pass2(
     write_manifest(output, manifest)
     _remove_stale(output, {p.name for p in all_plans})
     return manifest
+
+
+def _assign(
+    entries: list[_Entry], protocol: SplitProtocol, identity_index: Mapping[str, int]
+) -> tuple[dict[str, list[_Entry]], list[str]]:
+    """Entries by split (their label JSON sized for the cut) and the keys no split takes."""
+    by_split: dict[str, list[_Entry]] = {name: [] for name in protocol.split_names}
+    dropped = []
+    for e, split in zip(entries, protocol.assign([(e.key, e.identity) for e in entries])):
+        if split is None:  # an official split list that does not name this sample
+            dropped.append(e.key)
+            continue
+        by_split[split].append(e)
+        e.json_len = len(_labels_json(e, identity_index))
+    return by_split, dropped
+
+
+def _write_all(
+    plans: list[_ShardPlan],
+    staging: _Staging,
+    output: str,
+    identity_index: Mapping[str, int],
+    *,
+    workers: int,
+    multipart_threshold: int,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Every shard written (``workers`` at a time); their infos by shard name."""
+    infos: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(plans), desc="shards", unit="shard", disable=not progress)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="shards-write") as pool:
+            futures = [
+                pool.submit(
+                    _write_shard, plan, staging, output, identity_index, multipart_threshold
+                )
+                for plan in plans
+            ]
+            for fut in futures:  # results read in this thread only: no lock needed
+                info = fut.result()
+                infos[info["name"]] = info
+                bar.update(1)
+    finally:
+        bar.close()
+    return infos
 
 
 def _remove_stale(output: str, keep: set[str]) -> list[str]:

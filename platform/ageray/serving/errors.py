@@ -4,7 +4,9 @@ Why one class with named constructors: a status, a stable ``code`` and a message
 names the input and the fix belong together; written once here, the 413 for a body and the
 503 for a replica that is still loading read the same wherever they are raised (the
 handler, the request guard in front of it, Serve's proxy). Clients branch on ``code``;
-people read ``message``. The envelope is always ``{"error": {"code", "message"}}``.
+people read ``message``. The envelope is always ``{"error": {"code", "message"}}``, and
+every message is redacted (``ageray.redaction``) when the error is built: whatever it
+quotes (a URL, a header, an exception text) leaves with no credential in it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+from ageray.redaction import redact
 
 __all__ = ["ACCEPTED", "ServeError", "error_body"]
 
@@ -47,6 +51,7 @@ class ServeError(Exception):
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        message = redact(message)  # it may quote a URI or a header the client sent
         super().__init__(message)
         self.status = int(status)
         self.code = code
