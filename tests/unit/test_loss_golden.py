@@ -205,7 +205,15 @@ def test_compute_loss_is_bit_identical(
 
 
 def test_compute_loss_errors_unchanged(golden: dict[str, Any]) -> None:
-    assert _errors() == golden["errors"]
+    """Every error message as before, except an unknown loss.name: the registry now names
+    the registered losses (and checks the name before the stage-2 term)."""
+    found, recorded = _errors(), golden["errors"]
+    assert found.keys() == recorded.keys()
+    for case in found:
+        if case.startswith("unknown"):
+            assert "loss.name='huber' is not registered (registered: [" in found[case]
+        else:
+            assert found[case] == recorded[case], case
 
 
 if __name__ == "__main__" and "--record" in sys.argv:
