@@ -128,7 +128,8 @@ def _ray_logs_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> Any:
+    """The demo's arguments; the recipe defaults to ``recipes/demo.yaml``."""
     p = base_parser("python -m jobs.demo", __doc__)
     p.add_argument("--num-samples", type=int, default=3000, help="synthetic images to generate")
     p.add_argument("--skip-pretrain", action="store_true", help="start from random weights")
@@ -140,43 +141,44 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.config:
         args.config = str(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
+    return args
+
+
+def _set_environment() -> None:
+    """Quiet logging, one BLAS thread per process, no usage stats, and the request guard
+    for Serve's replicas and proxy (as under ``serve run serve.app:app``); read by the Ray
+    processes this job starts."""
     setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Serve's replicas (and Serve's proxy) run the request guard before routing, as under
-    # `serve run serve.app:app`; read by the Ray processes this job starts.
     from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
 
     os.environ.setdefault(EDGE_ENV, EDGE_CALLBACK)
-    cfg = load(args)
-    timer = Timer()
-    # Step-level progress lines off (an epoch line every few seconds is enough here); a
-    # user's --set comes later and wins.
-    common = ["--config", args.config, "--set", "train.log_every=0"]
-    common += [x for o in args.overrides for x in ("--set", o)]
 
-    from ageray.training.driver import init_ray, local_run_dir
-    from jobs import make_shards, pretrain, train
 
-    run_dir = local_run_dir(cfg)
-    if args.fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(cfg.data.shards, ignore_errors=True)
+def _make_shards(cfg: Any, args: Any) -> None:
+    """Step 1: synthetic faces -> shards (reused when their manifest exists)."""
+    from jobs import make_shards
 
     banner(1, f"synthetic faces -> shards in {cfg.data.shards}")
     manifest = Path(cfg.data.shards) / "manifest.json"
     if manifest.is_file():
         print(f"reusing {manifest} (--fresh regenerates)")
-    else:
-        make_shards.main(
-            [
-                "--source", "synthetic",
-                "--num-samples", str(args.num_samples),
-                "--image-size", str(cfg.data.image_size),
-                "--output", cfg.data.shards,
-                *([] if sys.stderr.isatty() else ["--quiet"]),  # bars only on a terminal
-            ]
-        )  # fmt: skip
+        return
+    make_shards.main(
+        [
+            "--source", "synthetic",
+            "--num-samples", str(args.num_samples),
+            "--image-size", str(cfg.data.image_size),
+            "--output", cfg.data.shards,
+            *([] if sys.stderr.isatty() else ["--quiet"]),  # bars only on a terminal
+        ]
+    )  # fmt: skip
+
+
+def _start_ray(cfg: Any) -> str:
+    """Step 2: a local Ray sized for this machine; returns where its own logs are."""
+    from ageray.training.driver import init_ray
 
     banner(2, "local Ray")
     init_ray(cfg)
@@ -188,23 +190,34 @@ def main(argv: list[str] | None = None) -> int:
         f"Ray {ray.__version__}: {res.get('CPU', 0):g} CPUs, object store "
         f"{res.get('object_store_memory', 0) / 2**20:.0f} MiB; its own logs: {ray_logs}"
     )
+    return ray_logs
 
-    backbone = None
-    if not args.skip_pretrain:
-        banner(3, "identity pretraining with AM-softmax (LAE 2.3)")
-        pretrain.main(common)
-        backbone = run_dir / "pretrain" / "model" / "backbone.safetensors"
-    else:
+
+def _pretrain(args: Any, common: list[str], run_dir: Path) -> Path | None:
+    """Step 3: identity pretraining (LAE 2.3); returns the trunk's weights file, or None
+    with ``--skip-pretrain``."""
+    from jobs import pretrain
+
+    if args.skip_pretrain:
         banner(3, "identity pretraining skipped (--skip-pretrain)")
+        return None
+    banner(3, "identity pretraining with AM-softmax (LAE 2.3)")
+    pretrain.main(common)
+    return run_dir / "pretrain" / "model" / "backbone.safetensors"
+
+
+def _train(common: list[str], backbone: Path | None) -> int:
+    """Step 4: stage 1, stage 2, evaluation and registration (jobs.train's exit code)."""
+    from jobs import train
 
     banner(4, "stage 1 (FR + PA), stage 2 (balanced head), evaluation, registration")
     extra = ["--set", f"train.init_from={backbone}"] if backbone else []
-    rc = train.main(common + extra, log=_without_tables)
-    if rc:
-        return rc
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    return train.main(common + extra, log=_without_tables)
 
-    banner(5, "Ray Serve: the registered model behind HTTP")
+
+def _deploy(cfg: Any, port: int) -> tuple[str, str]:
+    """Serve the registered model on 127.0.0.1; returns (its model URI, the base URL)
+    once Serve reports ready."""
     import logging
 
     from ray import serve
@@ -215,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not verbose():
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
-
     model_uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
-    port = _free_port(args.port)
+    port = _free_port(port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     env = {"MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg), "OMP_NUM_THREADS": "1"}
     serve.run(
@@ -232,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     base = f"http://127.0.0.1:{port}"
     wait_ready(base)
+    return model_uri, base
+
+
+def _ask_served_model(cfg: Any, model_uri: str, base: str) -> None:
+    """A few test images of each age group through HTTP, one line per answer."""
     with urllib.request.urlopen(base + "/v1/model", timeout=30) as resp:
         info = json.loads(resp.read())
     print(f"serving {model_uri} (version {info.get('version')}) at {base}")
@@ -244,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{key[:28]:<28} {age:5.0f} {out['age']:7.1f}  {out['head']:<9} "
             f"{heads['vanilla']['age']:7.1f}  {bal if bal is None else round(bal, 1)!s:>8}"
         )
+
+
+def _serve(cfg: Any, args: Any) -> str:
+    """Step 5: Ray Serve with the registered model, real HTTP requests, then Serve and Ray
+    shut down (``--keep-serving``: after Ctrl-C). Returns the served model URI."""
+    import ray
+    from ray import serve
+
+    banner(5, "Ray Serve: the registered model behind HTTP")
+    model_uri, base = _deploy(cfg, args.port)
+    _ask_served_model(cfg, model_uri, base)
     if args.keep_serving:
         print(f"\nServing until Ctrl-C: web page {base}/ , OpenAPI {base}/docs")
         try:
@@ -254,14 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ray.shutdown()
     print("shut down Serve and Ray.")
+    return model_uri
+
+
+def _results(
+    cfg: Any, report: dict[str, Any], *, run_dir: Path, model_uri: str, ray_logs: str, timer: Timer
+) -> None:
+    """Step 6: the Table IX-style table and where to look next."""
+    from ageray.redaction import redact
+    from ageray.report import markdown_table
+    from ageray.tracking import resolve_tracking_uri
 
     banner(6, "results")
-    from ageray.report import markdown_table
-
     print(first_table(markdown_table(report)))
     print("Routing rules against the oracle bound, shot MAE, routing usage and CCS: report.md.")
-    from ageray.redaction import redact
-
     # a tracking URI with user:password in it stays off the console
     tracking_uri = redact(resolve_tracking_uri(cfg))
     print(f"demo finished in {timer}. Where to look next:")
@@ -273,6 +307,33 @@ def main(argv: list[str] | None = None) -> int:
         f"model_uri={model_uri}   (web page http://127.0.0.1:8000/)"
     )
     print(f"  Ray's logs:  {ray_logs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    _set_environment()
+    cfg = load(args)
+    timer = Timer()
+    # Step-level progress lines off (an epoch line every few seconds is enough here); a
+    # user's --set comes later and wins.
+    common = ["--config", args.config, "--set", "train.log_every=0"]
+    common += [x for o in args.overrides for x in ("--set", o)]
+
+    from ageray.training.driver import local_run_dir
+
+    run_dir = local_run_dir(cfg)
+    if args.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(cfg.data.shards, ignore_errors=True)
+    _make_shards(cfg, args)
+    ray_logs = _start_ray(cfg)
+    backbone = _pretrain(args, common, run_dir)
+    rc = _train(common, backbone)
+    if rc:
+        return rc
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    model_uri = _serve(cfg, args)
+    _results(cfg, report, run_dir=run_dir, model_uri=model_uri, ray_logs=ray_logs, timer=timer)
     return 0
 
 

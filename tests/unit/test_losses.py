@@ -445,3 +445,109 @@ def test_hybrid_group_labels_come_from_the_heads_table() -> None:
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
         bad = {**out, "group_logits": torch.zeros(5, 10)}
         L.compute_loss(cfg, ModelConfig(formulation="mae", multitask="hybrid"), bad, batch)
+
+
+# --------------------------------------------------------------------------------------
+# The loss registry: every entry, through the registry
+# --------------------------------------------------------------------------------------
+
+
+def _terms(head_out: dict, ages: list[float], *, mae: float | None = None, name: str = "x"):
+    return L.AgeTerms(
+        name=name,
+        head_out=head_out,
+        y=torch.tensor(ages),
+        sigma=1.0,
+        lam=2.0,
+        mae=mae,
+        age_min=1,
+    )
+
+
+def test_registry_holds_every_name_the_config_allows() -> None:
+    from typing import get_args, get_type_hints
+
+    assert sorted(L.LOSSES) == sorted(get_args(get_type_hints(LossConfig)["name"]))
+    assert [n for n, e in L.LOSSES.items() if e.distribution] == [
+        "kl",
+        "base",
+        "sum",
+        "ce",
+        "ldl_ce",
+    ]
+
+
+def test_distribution_entries_through_the_registry() -> None:
+    uniform = {"logits": torch.zeros(1, 2)}
+    t = _terms(uniform, [0.0])
+    assert L.loss_entry("kl").fn(t).item() == pytest.approx(KL_A, rel=1e-5)
+    assert t.parts["er"] == pytest.approx(0.5)
+    t = _terms(uniform, [0.0])
+    assert L.loss_entry("base").fn(t).item() == pytest.approx(KL_A + 2 * 0.5, rel=1e-5)
+    t = _terms({"logits": torch.tensor([[LOG3, 0.0]]), "local_logits": _local_logits()}, [0.0])
+    local = (2 * (KL_A + 2 * 0.5) + 2 * (KL_B + 2 * 0.25)) / 4  # lambda 2 on both parts
+    loss = L.loss_entry("sum").fn(t)
+    assert t.parts["loc"] == pytest.approx(local, rel=1e-5)
+    assert loss.item() == pytest.approx(local + KL_B + 2 * 0.25, rel=1e-5)
+    t = _terms({"logits": torch.log(torch.tensor([[0.2, 0.3, 0.5]]))}, [2.0], name="ce")
+    assert L.loss_entry("ce").fn(t).item() == pytest.approx(-math.log(0.5), rel=1e-6)
+    assert t.parts["ce"] == pytest.approx(-math.log(0.5), rel=1e-6)
+    t = _terms(uniform, [0.0], name="ldl_ce")
+    assert L.loss_entry("ldl_ce").fn(t).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_stage2_mae_term_through_the_registry() -> None:
+    """LAE eq. 4 on the entry: (|y - y_hat| - mae)^2 replaces lambda * er."""
+    t = _terms({"logits": torch.zeros(1, 2)}, [0.0], mae=0.25)
+    loss = L.loss_entry("kl").fn(t)
+    assert loss.item() == pytest.approx(KL_A + 0.0625, rel=1e-5)
+    assert t.parts["er_mae"] == pytest.approx(0.0625, rel=1e-5)
+
+
+def test_regression_and_ordinal_entries_through_the_registry() -> None:
+    out = {"age": torch.tensor([1.0, 4.0])}
+    assert L.loss_entry("mse").fn(_terms(out, [2.0, 2.0])).item() == 2.5
+    assert L.loss_entry("mae").fn(_terms(out, [2.0, 2.0])).item() == 1.5
+    ordinal = {"ordinal_logits": torch.tensor([[20.0, 20.0, -20.0, -20.0, -20.0]])}
+    assert L.loss_entry("ordinal_bce").fn(_terms(ordinal, [3.0])).item() < 1e-6  # age_min 1
+    with pytest.raises(ValueError, match=r"loss\.name=mae needs head output 'age'"):
+        L.loss_entry("mae").fn(_terms({"logits": torch.zeros(1, 2)}, [1.0], name="mae"))
+
+
+def test_unknown_loss_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(
+        ValueError, match=r"loss.name='kll' is not registered; did you mean 'kl'\? \(registered"
+    ):
+        L.loss_entry("kll")
+    with pytest.raises(ValueError, match=r"'base', 'ce', 'kl', 'ldl_ce', 'mae', 'mse'"):
+        L.compute_loss(
+            LossConfig(name="huber"), ModelConfig(), {"age": torch.zeros(1)}, {"age": [1.0]}
+        )  # type: ignore[arg-type]
+
+
+def test_a_new_loss_is_one_decorated_function() -> None:
+    @L.register_loss("test_half_mae")
+    def _half(t: L.AgeTerms) -> torch.Tensor:
+        return 0.5 * (t.need("age") - t.y).abs().mean()
+
+    try:
+        loss, parts = L.compute_loss(
+            LossConfig(name="test_half_mae"),  # type: ignore[arg-type]
+            ModelConfig(formulation="mae"),
+            {"age": torch.tensor([1.0, 4.0])},
+            {"age": torch.tensor([2.0, 2.0])},
+        )
+        assert loss.item() == 0.75 and parts["age"] == 0.75
+        with pytest.raises(ValueError, match="already registered"):
+            L.register_loss("test_half_mae")(lambda t: t.y)
+        with pytest.raises(ValueError, match="needs a distribution head"):
+            L.compute_loss(
+                LossConfig(name="test_half_mae"),  # type: ignore[arg-type]
+                ModelConfig(),
+                {"age": torch.zeros(2)},
+                {"age": torch.zeros(2)},
+                mae_ref=1.0,
+                stage=2,
+            )
+    finally:
+        del L.LOSSES["test_half_mae"]

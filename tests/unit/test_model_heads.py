@@ -8,13 +8,26 @@ import pytest
 import torch
 from torch import nn
 
+from ageray.config import ModelConfig
 from ageray.model import (
+    DeepMultiTask,
     Formulation,
     GLAEHead,
     HybridMultiTask,
     LinearHead,
+    ParallelMultiTask,
     Projection,
     age_from_probs,
+    build_model,
+    create_backbone,
+)
+from ageray.model.head_registry import (
+    HEADS,
+    MULTITASK,
+    head_builder,
+    make_head,
+    multitask_builder,
+    register_head,
 )
 
 LDL = Formulation("ldl", 101)
@@ -187,3 +200,99 @@ def test_hybrid_morph_groups() -> None:
         hybrid_groups("all")
     with pytest.raises(ValueError, match="outside"):
         HybridMultiTask(3, Formulation("mae", 101), groups=((0, 0), (2, 0)), num_genders=2)
+
+
+# --------------------------------------------------------------------------------------
+# The head registry: every entry, built through the registry
+# --------------------------------------------------------------------------------------
+
+SMALL = {"fr_r": 4, "fr_kernel": 2, "fr_stride": 2}
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return create_backbone("resnet18")
+
+
+def test_registries_hold_every_name_the_config_allows() -> None:
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(ModelConfig)
+    assert sorted(HEADS) == sorted(get_args(hints["head"]))
+    assert sorted(MULTITASK) == sorted(get_args(hints["multitask"]))
+
+
+@pytest.mark.parametrize(("name", "cls"), [("linear", LinearHead), ("glae", GLAEHead)])
+def test_each_age_head_through_the_registry(resnet18, name: str, cls: type) -> None:
+    head = head_builder(name)(ModelConfig(head=name, **SMALL), resnet18, image_size=64, form=LDL)
+    assert type(head) is cls and head.formulation is LDL
+    out = head(torch.randn(2, 512, 2, 2), {}, name == "glae")
+    assert out["logits"].shape == (2, 101)
+    assert ("local_logits" in out) == (name == "glae")
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("none", LinearHead),
+        ("parallel", ParallelMultiTask),
+        ("deep", DeepMultiTask),
+        ("hybrid", HybridMultiTask),
+    ],
+)
+def test_each_multitask_arrangement_through_the_registry(resnet18, name: str, cls: type) -> None:
+    mc = ModelConfig(head="linear", multitask=name)
+    built = []
+
+    def age_head() -> LinearHead:
+        built.append(LinearHead(512, LDL))
+        return built[-1]
+
+    head = multitask_builder(name)(mc, resnet18, age_head, form=LDL)
+    assert type(head) is cls
+    assert len(built) == (0 if name == "hybrid" else 1)  # the hybrid net has its own estimators
+    if name in ("parallel", "deep"):
+        assert head.age is built[0]
+    assert type(make_head(mc, resnet18, image_size=64, form=LDL)) is cls
+
+
+def test_arrangement_errors_through_the_registry(resnet18) -> None:
+    with pytest.raises(ValueError, match="needs num_genders and num_races >= 1"):
+        multitask_builder("parallel")(
+            ModelConfig(multitask="parallel", num_races=0), resnet18, lambda: None, form=LDL
+        )
+    with pytest.raises(ValueError, match=r"use model\.head=linear"):
+        make_head(ModelConfig(head="glae", multitask="hybrid"), resnet18, image_size=64, form=LDL)
+    with pytest.raises(ValueError, match=r"2x2 feature map at 64 px; with model.fr_r=3"):
+        make_head(ModelConfig(head="glae", fr_r=3), resnet18, image_size=64, form=LDL)
+
+
+def test_unknown_names_are_refused_with_a_suggestion() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"model.head='glea' is not registered; did you mean 'glae'\? "
+        r"\(registered: \['glae', 'linear'\]\)",
+    ):
+        head_builder("glea")
+    with pytest.raises(
+        ValueError,
+        match=r"model.multitask='paralel'.*did you mean 'parallel'.*"
+        r"'deep', 'hybrid', 'none', 'parallel'",
+    ):
+        multitask_builder("paralel")
+    with pytest.raises(ValueError, match=r"model.head='zzz' is not registered \(registered"):
+        build_model(ModelConfig(head="zzz"))  # type: ignore[arg-type]
+
+
+def test_a_new_head_is_one_decorated_function(resnet18) -> None:
+    @register_head("test_linear_half")
+    def _half(mc, backbone, *, image_size, form):
+        return LinearHead(backbone.out_channels, form, drop_rate=0.5)
+
+    try:
+        head = make_head(ModelConfig(head="test_linear_half"), resnet18, image_size=64, form=LDL)  # type: ignore[arg-type]
+        assert type(head) is LinearHead
+        with pytest.raises(ValueError, match="already registered"):
+            register_head("test_linear_half")(lambda *a, **k: None)
+    finally:
+        del HEADS["test_linear_half"]

@@ -9,60 +9,38 @@ one concern per module:
               shuffled | balanced_stream (samplers) -> decoded (ImageDecoder)
     batching  batched (uint8 batches in a recycled shared-memory ring) -> finish_batch
 
+``ageray.data.assembly`` curries those stages (webdataset's ``pipelinefilter``) and composes
+them for one read plan in a ``wds.DataPipeline`` (:func:`~ageray.data.assembly.assemble`).
 This module plans each DataLoader worker's reads (:func:`~ageray.data.readplan.plan_reads`),
-assembles the stages for that plan (:func:`assemble`) and runs the DataLoader
-(:class:`ShardLoader`). Every rank yields the same number of training steps (see
-``ageray.data.readplan``); a stream that reads a whole pass without one usable sample stops
-instead of spinning, and if all of a rank's workers stop, the loader raises a clear error
-rather than returning a short epoch. Skips are counted by reason (``ageray.data.skips``)
-into ``loader.skipped``.
+has them assembled, and runs the DataLoader (:class:`ShardLoader`). Every rank yields the
+same number of training steps (see ``ageray.data.readplan``); a stream that reads a whole
+pass without one usable sample stops instead of spinning, and if all of a rank's workers
+stop, the loader raises a clear error rather than returning a short epoch. Skips are
+counted by reason (``ageray.data.skips``) into ``loader.skipped``.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import multiprocessing
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import webdataset as wds
 
 from ageray.data import storage
-from ageray.data.augment import DeviceAugmenter, build_decode_transform, decode_size
-from ageray.data.batching import BufferRing, batched, finish_batch, no_convert
+from ageray.data.assembly import StreamSpec, assemble
+from ageray.data.augment import DeviceAugmenter
+from ageray.data.batching import BufferRing, finish_batch, no_convert
 from ageray.data.labels import AGE_MAX, AGE_MIN
 from ageray.data.manifest import read_manifest, split_info
-from ageray.data.readplan import (
-    ReadPlan,
-    Sampler,
-    eval_share,
-    plan_reads,
-    stable_seed,
-    train_steps,
-)
-from ageray.data.samplers import age_class, balanced_stream, shuffled
+from ageray.data.readplan import Sampler, eval_share, plan_reads, stable_seed, train_steps
+from ageray.data.samplers import age_class
 from ageray.data.skips import SKIP_REASONS, SkipCounter
-from ageray.data.stages import (
-    ImageDecoder,
-    decoded,
-    parse_labels,
-    sample_age_class,
-    select_modulo,
-    stop_on_empty_pass,
-)
-from ageray.data.tario import open_shards, register_gopen, shard_source, tar_samples
-from ageray.data.transforms import (
-    ToNormalizedTensor,
-    build_eval_transform,
-    build_train_transform,
-    split_finisher,
-    train_draft_size,
-)
+from ageray.data.tario import register_gopen
+from ageray.data.transforms import ToNormalizedTensor
 
 __all__ = [
     "ShardLoader",
@@ -83,35 +61,6 @@ _PRELOAD = ["torch", "torchvision.transforms", "ageray.data.loader"]
 # --------------------------------------------------------------------------------------
 # The per-worker dataset
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class StreamSpec:
-    """Everything a DataLoader worker needs; small and picklable (spawn/forkserver)."""
-
-    cfg: Any  # DataConfig
-    split: str
-    urls: list[str]
-    counts: list[int]
-    mode: Literal["train", "eval"]
-    sampler: Sampler = "instance"
-    rank: int = 0
-    world_size: int = 1
-    num_workers: int = 0
-    epoch: int = 0
-    seed: int = 0
-    batch_size: int = 32
-    classes: list[int] = field(default_factory=list)
-    shard_classes: list[list[int]] = field(default_factory=list)
-    per_class: int = 16
-    max_pending: int = 4096
-    num_classes: int = 101
-    require_age: bool = True  # a member without an age is skipped (missing_age)
-    age_range: tuple[float, float] = (AGE_MIN, AGE_MAX)
-    # AWS_* settings of the process that built the loader. forkserver workers are forked
-    # from a server started earlier and would otherwise see that server's environment (an
-    # endpoint or profile set later would be silently ignored). Never printed.
-    aws_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def _aws_env() -> dict[str, str]:
@@ -158,87 +107,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         rest = counter.take()
         if rest:
             yield {"__skipped__": rest}
-
-
-def assemble(
-    plan: ReadPlan,
-    spec: StreamSpec,
-    *,
-    counter: SkipCounter,
-    ring: BufferRing | None = None,
-) -> Iterator[Any]:
-    """The stage chain that carries out ``plan`` for ``spec``'s split: batches (dicts)."""
-    cfg = spec.cfg
-    train = spec.mode == "train"
-    if train and cfg.augment_on == "device":
-        # decode only (uint8, one size); the loader augments the batch on the device
-        transform, draft = build_decode_transform(cfg), decode_size(cfg)
-    elif train:
-        transform, draft = build_train_transform(cfg), train_draft_size(cfg)
-    else:
-        transform, draft = build_eval_transform(cfg), cfg.image_size
-    # image ops per sample; the final to-tensor/normalise step writes into the batch
-    transform, finisher = split_finisher(transform)
-    decode = ImageDecoder(transform, draft=draft, counter=counter)
-    stages: list[Any] = [
-        functools.partial(
-            shard_source,
-            spec.urls,
-            plan.shards,
-            repeat=plan.repeat,
-            rng=plan.source_rng,
-            first_order=plan.first_order,
-        ),
-        functools.partial(
-            open_shards, counter=counter, owner=plan.owns, retries=int(cfg.s3_retries)
-        ),
-        functools.partial(
-            tar_samples, counter=counter, owner=plan.owns, expected=dict(enumerate(spec.counts))
-        ),
-    ]
-    if plan.modulo is not None:
-        stages.append(functools.partial(select_modulo, slot=plan.modulo, num_slots=plan.num_slots))
-    stages.append(
-        functools.partial(
-            parse_labels, counter=counter, require_age=spec.require_age, age_range=spec.age_range
-        )
-    )
-    if train:
-        what = f"split {spec.split!r} rank {spec.rank} slot {plan.slot}"
-        stages.append(functools.partial(stop_on_empty_pass, what=what))
-    if plan.balanced:
-        stages.append(
-            functools.partial(
-                balanced_stream,
-                class_of=functools.partial(sample_age_class, num_classes=spec.num_classes),
-                prepare=decode,
-                classes=spec.classes or None,
-                mode=spec.sampler,
-                per_class=spec.per_class,
-                max_pending=spec.max_pending,
-                rng=plan.sample_rng,
-            )
-        )
-    else:
-        if train:
-            buf = int(cfg.shuffle_buffer)
-            stages.append(
-                functools.partial(
-                    shuffled, bufsize=buf, rng=plan.sample_rng, initial=max(1, min(buf, 100))
-                )
-            )
-        stages.append(functools.partial(decoded, decode=decode))
-    stages.append(
-        functools.partial(
-            batched,
-            batch_size=spec.batch_size,
-            partial=not train,
-            counter=counter,
-            finisher=finisher,
-            ring=ring,
-        )
-    )
-    return iter(wds.DataPipeline(*stages))
 
 
 # --------------------------------------------------------------------------------------
@@ -405,6 +273,22 @@ def _stream_spec(
     return info, spec
 
 
+def _set_age_classes(spec: StreamSpec, info: dict[str, Any]) -> None:
+    """The age classes a balanced sampler draws from: the split's, and each shard's (so a
+    slot reads the shards that hold the classes it needs); a split without ages fails."""
+    k = spec.num_classes
+    spec.classes = sorted({age_class(int(a), k) for a in info.get("age_hist", {})})
+    if not spec.classes:
+        raise ValueError(
+            f"sampler={spec.sampler} balances age classes, but split {spec.split!r} under "
+            f"{spec.cfg.shards} has no ages (its manifest age_hist is empty); use "
+            "sampler=instance"
+        )
+    spec.shard_classes = [
+        sorted({age_class(int(a), k) for a in s.get("age_hist", {})}) for s in info["shards"]
+    ]
+
+
 def train_loader(
     cfg: Any,
     split: str,
@@ -454,17 +338,7 @@ def train_loader(
         age_range=tuple(age_range),
     )
     if sampler != "instance":
-        spec.classes = sorted({age_class(int(k), num_classes) for k in info.get("age_hist", {})})
-        if not spec.classes:
-            raise ValueError(
-                f"sampler={sampler} balances age classes, but split {split!r} under "
-                f"{cfg.shards} has no ages (its manifest age_hist is empty); use "
-                "sampler=instance"
-            )
-        spec.shard_classes = [
-            sorted({age_class(int(k), num_classes) for k in s.get("age_hist", {})})
-            for s in info["shards"]
-        ]
+        _set_age_classes(spec, info)
     steps = train_steps(int(info["count"]), world_size, cfg.batch_size, cfg.steps_per_epoch)
     return ShardLoader(
         ShardStream(spec),

@@ -6,7 +6,8 @@ the identity-pretraining loss LAE 2.3 uses).
 
 One module per family: ``distribution`` (GLAE / LAE), ``amsoftmax`` (identity pretraining),
 ``xing`` (the five formulations and the multi-task terms), ``compute`` (``compute_loss``, the
-one entry point the training loop calls; everything else is a building block with its own
+one entry point the training loop calls, and the ``LOSSES`` registry of age terms it picks
+from by ``loss.name``, ``@register_loss``; everything else is a building block with its own
 test), ``common`` (label and shape helpers).
 
 Conventions:
@@ -21,7 +22,7 @@ Conventions:
 """
 
 from .amsoftmax import AMSoftmaxHead, am_softmax_logits, am_softmax_loss
-from .compute import compute_loss
+from .compute import LOSSES, AgeTerms, compute_loss, loss_entry, register_loss
 from .distribution import (
     base_loss,
     er_loss,
@@ -48,7 +49,9 @@ from .xing import (
 )
 
 __all__ = [
+    "LOSSES",
     "AMSoftmaxHead",
+    "AgeTerms",
     "am_softmax_logits",
     "am_softmax_loss",
     "base_loss",
@@ -63,6 +66,7 @@ __all__ = [
     "lae_stage2_loss",
     "ldl_ce",
     "local_loss",
+    "loss_entry",
     "mae_loss",
     "masked_ce",
     "mse_loss",
@@ -70,6 +74,7 @@ __all__ = [
     "ordinal_age",
     "ordinal_bce",
     "ordinal_targets",
+    "register_loss",
     "softmax_ce",
     "sum_loss",
 ]

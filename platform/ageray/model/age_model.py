@@ -26,8 +26,8 @@ from ageray.config import Config, DataConfig, ModelConfig
 
 from .backbone import Backbone, LoadReport, create_backbone
 from .formulation import Formulation
-from .heads import AgeHead, GLAEHead, LinearHead
-from .multitask import DeepMultiTask, HybridMultiTask, ParallelMultiTask, hybrid_groups
+from .head_registry import head_builder, make_head
+from .heads import AgeHead
 from .routing import (
     ROUTING_RULES,
     RoutingRule,
@@ -385,71 +385,6 @@ class AgeModel(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def _make_head(
-    mc: ModelConfig, backbone: Backbone, *, image_size: int, form: Formulation
-) -> AgeHead:
-    channels = backbone.out_channels
-    groups = {"num_genders": mc.num_genders, "num_races": mc.num_races}
-
-    def age_head() -> AgeHead:
-        if mc.head == "linear":
-            return LinearHead(channels, form, drop_rate=mc.drop_rate)
-        height, width = backbone.feature_size(image_size)
-        try:
-            return GLAEHead(
-                channels,
-                (height, width),
-                form,
-                r=mc.fr_r,
-                kernel_size=mc.fr_kernel,
-                stride=mc.fr_stride,
-                proj_depth=mc.proj_depth,
-                drop_rate=mc.drop_rate,
-            )
-        except ValueError as exc:
-            raise ValueError(
-                f"model.backbone={mc.backbone} gives a {channels}x{height}x{width} feature map at "
-                f"{image_size} px; with model.fr_r={mc.fr_r}, fr_kernel={mc.fr_kernel}, "
-                f"fr_stride={mc.fr_stride}: {exc}"
-            ) from exc
-
-    if mc.multitask == "none":
-        return age_head()
-    if mc.num_genders < 1 or mc.num_races < 1:
-        raise ValueError(
-            f"model.multitask={mc.multitask} needs num_genders and num_races >= 1, got "
-            f"{mc.num_genders} and {mc.num_races}"
-        )
-    if mc.multitask == "parallel":
-        return ParallelMultiTask(age_head(), channels, **groups, drop_rate=mc.drop_rate)
-    if mc.multitask == "deep":
-        levels = len(backbone.feature_info)
-        if levels < 3:
-            raise ValueError(
-                f"model.multitask=deep needs 3 feature levels; {mc.backbone} exposes {levels}"
-            )
-        race_index, gender_index = levels - 3, levels - 2
-        return DeepMultiTask(
-            age_head(),
-            race_index=race_index,
-            race_channels=backbone.stage_channels(race_index),
-            gender_index=gender_index,
-            gender_channels=backbone.stage_channels(gender_index),
-            **groups,
-            drop_rate=mc.drop_rate,
-        )
-    if mc.multitask == "hybrid":
-        if mc.head != "linear":
-            raise ValueError(
-                f"model.multitask=hybrid with model.head={mc.head}: the hybrid net has one age "
-                f"estimator per race-gender group ({mc.num_genders * mc.num_races} here) on GAP "
-                "features (Xing 3.3.3); use model.head=linear"
-            )
-        pairs = hybrid_groups(mc.hybrid_groups, **groups)
-        return HybridMultiTask(channels, form, groups=pairs, **groups, drop_rate=mc.drop_rate)
-    raise ValueError(f"model.multitask={mc.multitask!r} is not one of none, parallel, deep, hybrid")
-
-
 def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> AgeModel:
     """The model a recipe describes; every shape is checked here, before weights load.
 
@@ -466,8 +401,7 @@ def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> Age
         image_size = DataConfig().image_size
     if image_size <= 0:
         raise ValueError(f"image_size={image_size} must be positive")
-    if mc.head not in ("linear", "glae"):
-        raise ValueError(f"model.head={mc.head!r} is not one of linear, glae")
+    head_builder(mc.head)  # an unknown head fails here, before any weights are built
     form = Formulation(
         mc.formulation, num_classes=mc.num_classes, age_min=mc.age_min, answer=mc.answer
     )
@@ -476,7 +410,7 @@ def build_model(cfg: ModelConfig | Config, image_size: int | None = None) -> Age
     if not 0.0 <= mc.drop_rate < 1.0:
         raise ValueError(f"model.drop_rate={mc.drop_rate} must be in [0, 1)")
     backbone = create_backbone(mc.backbone)
-    head = _make_head(mc, backbone, image_size=image_size, form=form)
+    head = make_head(mc, backbone, image_size=image_size, form=form)
     model = AgeModel(backbone, head, mc, image_size=image_size)
     if mc.pretrained:
         model.load_backbone(mc.pretrained)

@@ -1,12 +1,14 @@
 """The per-worker training loop of each stage: ``stage1`` (representation), ``stage2``
-(balanced classifier on the frozen backbone) and ``pretrain`` (identity, AM-softmax).
+(balanced classifier on the frozen backbone), ``pretrain`` (identity, AM-softmax) and the
+hybrid net's three steps (``hybrid_groups``, ``hybrid_ages``, ``hybrid_finetune``).
 
-One loop, three stage plans. A :class:`~ageray.training.plans.StagePlan` says what differs
-between stages (how the model is built, which parameters train, which head the loss reads,
-which sampler feeds it; see :mod:`ageray.training.plans`); :func:`run_stage` does what is
-common: resume, epochs of equal step counts on every rank,
-validation over every sample exactly once, a checkpoint and one ``report`` per epoch on every
-rank (``ray.train.report`` is a barrier), metric logging from rank 0 only.
+One loop, six stage plans (``plans.plan_for``). A :class:`~ageray.training.plans.StagePlan`
+says what differs between stages (how the model is built, which parameters train, which head
+the loss reads, which sampler feeds it; see :mod:`ageray.training.plans`); :func:`run_stage`
+does what is common, in named steps (``_set_up``, ``_resume``, ``_train_epoch``,
+``_epoch_metrics``, ``_checkpoint_and_report``): resume, epochs of equal step counts on every
+rank, validation over every sample exactly once, a checkpoint and one ``report`` per epoch on
+every rank (``ray.train.report`` is a barrier), metric logging from rank 0 only.
 
 Entry points: :func:`train_worker` for ``TorchTrainer`` (``train_loop_config`` is a
 :class:`~ageray.training.plans.StageSpec` as a dict), :func:`run_stage` with a
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ageray.config import config_from_dict
+from ageray.config import Config, DataConfig, config_from_dict
 from ageray.inference import autocast
 from ageray.training.checkpoint import load_state, restore, save_checkpoint, unwrap
 from ageray.training.context import (
@@ -39,7 +42,7 @@ from ageray.training.context import (
     maybe_inject_fault,
 )
 from ageray.training.optim import build_optimizer, build_scheduler, clip_gradients
-from ageray.training.plans import StageSpec, plan_for
+from ageray.training.plans import StagePlan, StageSpec, plan_for
 
 __all__ = [
     "nonfinite_loss_message",
@@ -198,16 +201,72 @@ def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
 # ------------------------------------------------------------------------ the loop
 
 
-def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str, float]:
-    """Train one stage on this worker. Returns the last epoch's metrics."""
-    from ageray.data.loader import train_loader
-    from ageray.tracking import RunLogger
+@dataclass
+class _StageRun:
+    """What every step of one stage on this worker reads, set up once by :func:`_set_up`."""
 
-    spec = spec if isinstance(spec, StageSpec) else StageSpec(**spec)
-    cfg = config_from_dict(spec.config)
-    seed_everything(cfg.run.seed + 1000 * ctx.rank)
-    device = ctx.device
-    plan = plan_for(cfg, spec)
+    spec: StageSpec
+    cfg: Config
+    ctx: WorkerContext
+    device: torch.device
+    plan: StagePlan
+    model: nn.Module
+    params: list[nn.Parameter]
+    data_cfg: DataConfig
+    first: Any  # epoch 0's loader (its length is every epoch's step count)
+    steps: int
+    align_meta: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    logger: Any
+
+    def loader(self, epoch: int) -> Any:
+        """This rank's loader for ``epoch`` (epoch 0's is built once, at set-up)."""
+        if epoch == 0 and self.first is not None:
+            return self.first
+        return _make_loader(self.cfg, self.data_cfg, self.plan, self.ctx, self.device, epoch)
+
+
+@dataclass
+class _EpochStats:
+    """Sums over one epoch's steps (weighted by batch size) and its timings."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    train_time: float = 0.0
+    train_cpu: float = 0.0
+    first_batch_s: float = 0.0
+
+
+def _make_loader(
+    cfg: Config,
+    data_cfg: DataConfig,
+    plan: StagePlan,
+    ctx: WorkerContext,
+    device: torch.device,
+    epoch: int,
+) -> Any:
+    from ageray.data.loader import train_loader
+
+    # On GPU the stream delivers uint8 images to the device and normalises them there (and,
+    # with data.augment_on=device, augments them there).
+    return train_loader(
+        data_cfg,
+        plan.split,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        epoch=epoch,
+        seed=cfg.run.seed,
+        sampler=plan.sampler,
+        num_classes=cfg.model.num_classes,
+        device=device if device.type == "cuda" else None,
+    )
+
+
+def _prepare_model(
+    cfg: Config, plan: StagePlan, ctx: WorkerContext, device: torch.device
+) -> nn.Module:
+    """The plan's model, SyncBatchNorm across GPUs if asked, on the device, wrapped (DDP)."""
     model = plan.model
     if cfg.train.sync_bn and ctx.world_size > 1:
         if device.type != "cuda":
@@ -216,35 +275,37 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
     model = prepare_for_device(
         model, device, channels_last=cfg.model.channels_last, compile=cfg.train.compile
     )
-    model = ctx.prepare_model(model)
+    return ctx.prepare_model(model)
+
+
+def _set_up(spec: StageSpec, ctx: WorkerContext) -> _StageRun:
+    """Seed, plan, model, epoch 0's loader, optimiser, scheduler and the run logger."""
+    from ageray.tracking import RunLogger
+
+    cfg = config_from_dict(spec.config)
+    seed_everything(cfg.run.seed + 1000 * ctx.rank)
+    device = ctx.device
+    plan = plan_for(cfg, spec)
+    model = _prepare_model(cfg, plan, ctx, device)
     params = [p for p in plan.params if p.requires_grad]
-
     data_cfg = plan.data_cfg or cfg.data
-    global_batch = data_cfg.batch_size * ctx.world_size
-    # On GPU the stream delivers uint8 images to the device and normalises them there (and,
-    # with data.augment_on=device, augments them there).
-    stream_device = device if device.type == "cuda" else None
-
-    def make_loader(epoch: int):
-        return train_loader(
-            data_cfg,
-            plan.split,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            epoch=epoch,
-            seed=cfg.run.seed,
-            sampler=plan.sampler,
-            num_classes=cfg.model.num_classes,
-            device=stream_device,
-        )
-
-    first = make_loader(0)
+    first = _make_loader(cfg, data_cfg, plan, ctx, device, 0)
     align_meta = alignment_meta(data_cfg.shards)
     steps = len(first)
-    optimizer = build_optimizer(params, plan.optim, global_batch, fused=device.type == "cuda")
+    global_batch = data_cfg.batch_size * ctx.world_size
+    fused = device.type == "cuda"
+    optimizer = build_optimizer(params, plan.optim, global_batch, fused=fused)
     scheduler = build_scheduler(optimizer, plan.optim, plan.epochs, steps)
     logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=ctx.rank == 0)
+    return _StageRun(
+        spec, cfg, ctx, device, plan, model, params, data_cfg, first, steps, align_meta,
+        optimizer, scheduler, logger,
+    )  # fmt: skip
 
+
+def _resume(run: _StageRun) -> tuple[int, int]:
+    """(first epoch to train, global step) from the latest checkpoint, or (0, 0)."""
+    spec, ctx, logger = run.spec, run.ctx, run.logger
     start_epoch, global_step = 0, 0
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
@@ -256,7 +317,7 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
                     f"checkpoint {ckpt_dir} is from stage {saved_stage!r}, not "
                     f"{spec.stage!r}: use another run.name for a new run"
                 )
-            state = restore(ckpt_dir, model, optimizer, scheduler)
+            state = restore(ckpt_dir, run.model, run.optimizer, run.scheduler)
             start_epoch = int(state["epoch"]) + 1
             global_step = int(state.get("global_step", 0))
             if ctx.rank == 0:
@@ -264,112 +325,150 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
             # Also in the run's history (step = the epoch it resumed at), so whoever reads
             # the run in MLflow sees each restart without the workers' console logs.
             logger.log_metrics({"resumed_at_epoch": float(start_epoch)}, step=start_epoch)
+    return start_epoch, global_step
 
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, plan.epochs):
-        loader = first if epoch == 0 else make_loader(epoch)
-        if len(loader) != steps:
-            raise RuntimeError(
-                f"rank {ctx.rank}: {len(loader)} steps in epoch {epoch}, not {steps}"
-            )
-        model.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        first_batch_s = 0.0
-        for step_i, batch in enumerate(loader):
-            if step_i == 0:
-                # Loader start-up (worker processes importing torch, first shard opened) is a
-                # one-off per process; reported apart so epochs can be compared without it.
-                first_batch_s = time.perf_counter() - t0
-            maybe_inject_fault(
-                storage_path=cfg.run.storage_path,
-                name=cfg.run.name,
-                stage=spec.stage,
-                rank=ctx.rank,
-                epoch=epoch,
-                step=step_i,
-                cfg_run=cfg.run,
-            )
-            parts = train_step(
-                model,
-                batch,
-                step=plan.step,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                params=params,
-                device=device,
-                amp=cfg.train.amp,
-                channels_last=cfg.model.channels_last,
-                grad_clip=plan.optim.grad_clip,
-                where=f"{spec.stage} epoch {epoch} step {step_i}",
-            )
-            global_step += 1
-            n = int(batch["image"].shape[0])
-            seen += n
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            if ctx.rank == 0 and cfg.train.log_every and (step_i + 1) % cfg.train.log_every == 0:
-                rate = seen / max(1e-9, time.perf_counter() - t0)
-                say(
-                    f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} "
-                    f"step {step_i + 1}/{steps} loss {sums['loss'] / seen:.3f} "
-                    f"{rate * ctx.world_size:.0f} img/s"
-                )
-        train_time = time.perf_counter() - t0
-        train_cpu = time.process_time() - cpu0
-        # validate (on every rank) exactly the model that rank 0 saves
-        broadcast_buffers(unwrap(model))
-        metrics = {
-            f"train_{k}" if not k.startswith("train_") else k: v / max(1, seen)
-            for k, v in sums.items()
-        }
-        metrics["train_images_per_s"] = seen * ctx.world_size / max(1e-9, train_time)
-        metrics["epoch_time_s"] = train_time
-        metrics["first_batch_s"] = first_batch_s
-        # CPU seconds of this process (all its threads) over the epoch's steps, and its torch
-        # threads: on a shared machine wall time depends on the neighbours, these do not.
-        metrics["epoch_cpu_s"] = train_cpu
-        metrics["torch_threads"] = float(torch.get_num_threads())
-        metrics["lr"] = float(optimizer.param_groups[0]["lr"])
-        skipped = _sum_counts(all_gather_objects(dict(getattr(loader, "skipped", {}) or {})))
-        metrics["train_skipped"] = float(sum(skipped.values()))
-        for k, v in skipped.items():
-            metrics[f"train_skipped_{k}"] = float(v)
-        if plan.validate is not None:
-            tv = time.perf_counter()
-            metrics.update(plan.validate(model, ctx))
-            metrics["val_time_s"] = time.perf_counter() - tv
-        metrics["epoch"] = float(epoch)
-        state = {
-            "stage": spec.stage,
-            "epoch": epoch,
-            "global_step": global_step,
-            "mlflow_run_id": spec.mlflow_run_id,
-            "sampler": {"name": plan.sampler, "seed": cfg.run.seed, "next_epoch": epoch + 1},
-            "metrics": metrics,
-            **{k: v for k, v in plan.meta.items() if isinstance(v, str | int | float | type(None))},
-        }
-        with tempfile.TemporaryDirectory(prefix="ageray-ckpt-") as tmp:
-            ckpt = None
-            if ctx.rank == 0:
-                ckpt = save_checkpoint(
-                    Path(tmp) / "checkpoint",
-                    model=model,
-                    cfg=cfg,
-                    state=state,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    meta={"val_mae": metrics.get("val_mae"), **align_meta},
-                )
-            ctx.report(metrics, ckpt)
-        logger.log_epoch(metrics, epoch)  # idempotent: a re-run epoch is not logged twice
+
+def _train_epoch(
+    run: _StageRun, loader: Any, epoch: int, global_step: int
+) -> tuple[_EpochStats, int]:
+    """One epoch of optimisation steps; returns its stats and the global step after it."""
+    spec, cfg, ctx, plan = run.spec, run.cfg, run.ctx, run.plan
+    if len(loader) != run.steps:
+        raise RuntimeError(
+            f"rank {ctx.rank}: {len(loader)} steps in epoch {epoch}, not {run.steps}"
+        )
+    run.model.train()
+    stats = _EpochStats()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for step_i, batch in enumerate(loader):
+        if step_i == 0:
+            # Loader start-up (worker processes importing torch, first shard opened) is a
+            # one-off per process; reported apart so epochs can be compared without it.
+            stats.first_batch_s = time.perf_counter() - t0
+        maybe_inject_fault(
+            storage_path=cfg.run.storage_path,
+            name=cfg.run.name,
+            stage=spec.stage,
+            rank=ctx.rank,
+            epoch=epoch,
+            step=step_i,
+            cfg_run=cfg.run,
+        )
+        parts = train_step(
+            run.model,
+            batch,
+            step=plan.step,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            params=run.params,
+            device=run.device,
+            amp=cfg.train.amp,
+            channels_last=cfg.model.channels_last,
+            grad_clip=plan.optim.grad_clip,
+            where=f"{spec.stage} epoch {epoch} step {step_i}",
+        )
+        global_step += 1
+        n = int(batch["image"].shape[0])
+        stats.seen += n
+        for k, v in parts.items():
+            stats.sums[k] = stats.sums.get(k, 0.0) + float(v) * n
+        _say_progress(run, epoch, step_i, stats, t0)
+    stats.train_time = time.perf_counter() - t0
+    stats.train_cpu = time.process_time() - cpu0
+    return stats, global_step
+
+
+def _say_progress(run: _StageRun, epoch: int, step_i: int, stats: _EpochStats, t0: float) -> None:
+    """Every ``train.log_every`` steps, rank 0 says the running loss and throughput."""
+    every = run.cfg.train.log_every
+    if run.ctx.rank != 0 or not every or (step_i + 1) % every != 0:
+        return
+    rate = stats.seen / max(1e-9, time.perf_counter() - t0)
+    say(
+        f"[ageray] {run.spec.stage} epoch {epoch + 1}/{run.plan.epochs} "
+        f"step {step_i + 1}/{run.steps} loss {stats.sums['loss'] / stats.seen:.3f} "
+        f"{rate * run.ctx.world_size:.0f} img/s"
+    )
+
+
+def _epoch_metrics(run: _StageRun, loader: Any, stats: _EpochStats) -> dict[str, float]:
+    """The epoch's training metrics (means, throughput, timings, lr, skipped samples of
+    every rank) and, if the plan validates, its validation metrics."""
+    seen, world = stats.seen, run.ctx.world_size
+    metrics = {
+        f"train_{k}" if not k.startswith("train_") else k: v / max(1, seen)
+        for k, v in stats.sums.items()
+    }
+    metrics["train_images_per_s"] = seen * world / max(1e-9, stats.train_time)
+    metrics["epoch_time_s"] = stats.train_time
+    metrics["first_batch_s"] = stats.first_batch_s
+    # CPU seconds of this process (all its threads) over the epoch's steps, and its torch
+    # threads: on a shared machine wall time depends on the neighbours, these do not.
+    metrics["epoch_cpu_s"] = stats.train_cpu
+    metrics["torch_threads"] = float(torch.get_num_threads())
+    metrics["lr"] = float(run.optimizer.param_groups[0]["lr"])
+    skipped = _sum_counts(all_gather_objects(dict(getattr(loader, "skipped", {}) or {})))
+    metrics["train_skipped"] = float(sum(skipped.values()))
+    for k, v in skipped.items():
+        metrics[f"train_skipped_{k}"] = float(v)
+    if run.plan.validate is not None:
+        tv = time.perf_counter()
+        metrics.update(run.plan.validate(run.model, run.ctx))
+        metrics["val_time_s"] = time.perf_counter() - tv
+    return metrics
+
+
+def _checkpoint_and_report(
+    run: _StageRun, epoch: int, global_step: int, metrics: dict[str, float]
+) -> None:
+    """Rank 0 saves the epoch's checkpoint; every rank reports (``ray.train.report`` is a
+    barrier), then rank 0 logs the epoch and says its summary."""
+    spec, cfg, plan, ctx = run.spec, run.cfg, run.plan, run.ctx
+    state = {
+        "stage": spec.stage,
+        "epoch": epoch,
+        "global_step": global_step,
+        "mlflow_run_id": spec.mlflow_run_id,
+        "sampler": {"name": plan.sampler, "seed": cfg.run.seed, "next_epoch": epoch + 1},
+        "metrics": metrics,
+        **{k: v for k, v in plan.meta.items() if isinstance(v, str | int | float | type(None))},
+    }
+    with tempfile.TemporaryDirectory(prefix="ageray-ckpt-") as tmp:
+        ckpt = None
         if ctx.rank == 0:
-            shown = {k: metrics[k] for k in ("train_loss", "val_mae", "val_cmae") if k in metrics}
-            say(
-                f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} done in {train_time:.1f}s "
-                + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
+            ckpt = save_checkpoint(
+                Path(tmp) / "checkpoint",
+                model=run.model,
+                cfg=cfg,
+                state=state,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                meta={"val_mae": metrics.get("val_mae"), **run.align_meta},
             )
+        ctx.report(metrics, ckpt)
+    run.logger.log_epoch(metrics, epoch)  # idempotent: a re-run epoch is not logged twice
+    if ctx.rank == 0:
+        shown = {k: metrics[k] for k in ("train_loss", "val_mae", "val_cmae") if k in metrics}
+        say(
+            f"[ageray] {spec.stage} epoch {epoch + 1}/{plan.epochs} done in "
+            f"{metrics['epoch_time_s']:.1f}s " + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
+        )
+
+
+def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str, float]:
+    """Train one stage on this worker. Returns the last epoch's metrics."""
+    spec = spec if isinstance(spec, StageSpec) else StageSpec(**spec)
+    run = _set_up(spec, ctx)
+    start_epoch, global_step = _resume(run)
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, run.plan.epochs):
+        loader = run.loader(epoch)
+        stats, global_step = _train_epoch(run, loader, epoch, global_step)
+        # validate (on every rank) exactly the model that rank 0 saves
+        broadcast_buffers(unwrap(run.model))
+        metrics = _epoch_metrics(run, loader, stats)
+        metrics["epoch"] = float(epoch)
+        _checkpoint_and_report(run, epoch, global_step, metrics)
     return metrics
 
 

@@ -57,6 +57,181 @@ class PipelineResult:
     registered: dict[str, Any] | None = None
 
 
+@dataclass
+class _PipelineRun:
+    """The pipeline's MLflow run and policy, which every step reads."""
+
+    cfg: Config
+    tracker: Tracker
+    run_id: str | None
+    child_runs: Collection[str]
+    fresh: bool
+    say: Callable[[str], None]
+
+    @property
+    def uri(self) -> str | None:
+        return self.tracker.uri if self.tracker.enabled else None
+
+    @contextlib.contextmanager
+    def step_run(self, step: str) -> Iterator[str | None]:
+        """The MLflow run ``step`` logs into: a child run of its own, or the pipeline's."""
+        if step in self.child_runs:
+            with self.tracker.stage(step, resume=not self.fresh) as rid:
+                yield rid
+        else:
+            yield self.run_id
+
+    def train(
+        self,
+        step: str,
+        label: str,
+        *,
+        params: dict[str, Any] | None = None,
+        log_model_json: bool = True,
+        **stage_kwargs: Any,
+    ) -> StageResult:
+        """Run one training stage through Ray Train and log it, the same way for every
+        stage: ``params`` before it starts; after a stage that ran (a reused finished stage
+        logged these when it finished) its ``best_*`` metrics and, with
+        ``log_model_json``, its ``model.json``; then one console line named ``label``."""
+        with self.step_run(step) as rid:
+            if params is not None:
+                self.tracker.log_params(rid, params)
+            r = run_stage_on_ray(
+                self.cfg, step, tracking_uri=self.uri, mlflow_run_id=rid, fresh=self.fresh,
+                **stage_kwargs,
+            )  # fmt: skip
+            if not r.reused:
+                self.tracker.log_metrics(rid, {f"best_{k}": v for k, v in r.metrics.items()})
+                if log_model_json:
+                    self.tracker.log_artifact(rid, r.model_dir / "model.json", "model")
+        self.say(f"[ageray] {label} best: {json.dumps(_shown(r.metrics))} -> {r.model_dir}")
+        return r
+
+
+def _check_stages(
+    cfg: Config, stages: Collection[str], from_model: str | None
+) -> tuple[list[str], bool]:
+    """(the hybrid steps to run, whether stage 2 runs); a request the pipeline cannot do
+    fails with a PipelineError saying what to pass."""
+    unknown = set(stages) - {"stage1", "stage2", *HYBRID_STEPS}
+    if unknown:
+        raise PipelineError(
+            f"unknown stage(s) {sorted(unknown)}; choose stage1, stage2 or the hybrid net's "
+            f"steps {', '.join(HYBRID_STEPS)}"
+        )
+    hybrid = [s for s in HYBRID_STEPS if s in stages]
+    if hybrid and cfg.model.multitask != "hybrid":
+        raise PipelineError(
+            f"stages {hybrid} are Xing 3.3.3's training of the hybrid net; the recipe has "
+            f"model.multitask={cfg.model.multitask!r}"
+        )
+    if hybrid and hybrid[0] != HYBRID_STEPS[0] and "stage1" not in stages and not from_model:
+        before = HYBRID_STEPS[HYBRID_STEPS.index(hybrid[0]) - 1]
+        raise PipelineError(f"{hybrid[0]} starts from the {before} model: pass --from <it>")
+    run_stage2 = "stage2" in stages and cfg.train.stage2.enabled
+    if run_stage2 and "stage1" not in stages and not from_model:
+        raise PipelineError(
+            "stage 2 without stage 1 needs the stage-1 model (jobs.train: --from <folder, "
+            "checkpoint, runs:/ or models:/ URI>)"
+        )
+    return hybrid, run_stage2
+
+
+def _open_run(cfg: Config, tracker: Tracker, run_id: str | None, *, fresh: bool) -> str | None:
+    """The pipeline's MLflow run: the caller's (child runs go under it), or a new parent
+    run for ``cfg.run.name`` with the shards' manifest (which fails fast if they are
+    missing)."""
+    if run_id is not None:
+        tracker.parent_id = run_id
+        return run_id
+    run_id = tracker.start_pipeline("train", resume=not fresh)
+    tracker.log_manifest(run_id, read_manifest(cfg.data.shards), "shards")
+    return run_id
+
+
+def _train_representation(
+    run: _PipelineRun,
+    result: PipelineResult,
+    *,
+    stages: Collection[str],
+    hybrid: list[str],
+    from_model: str | None,
+    stage1_callbacks: Sequence[Any] | None,
+) -> tuple[str | None, float | None]:
+    """Stage 1, then the hybrid net's steps, each from the one before (step 1 from a fresh
+    net or the identity-pretrained trunk). Returns (the last checkpoint, in the run's
+    storage: what stage 2's workers read; its validation MAE)."""
+    cfg = run.cfg
+    stage1_uri, mae_ref = None, None
+    if "stage1" in stages:
+        r1 = run.train(
+            "stage1",
+            "stage 1",
+            init_backbone=cfg.train.init_from,
+            callbacks=list(stage1_callbacks or []),
+        )
+        result.stage1, result.model_dir = r1, r1.model_dir
+        mae_ref, stage1_uri = r1.metrics.get("val_mae"), r1.checkpoint
+    for step in hybrid:
+        init = stage1_uri
+        if init is None and step != HYBRID_STEPS[0]:
+            init = str(resolve_model_dir(str(from_model)))
+        r = run.train(
+            step,
+            step,
+            init_model=init,
+            init_backbone=cfg.train.init_from if step == HYBRID_STEPS[0] else None,
+        )
+        result.stage1, result.model_dir = r, r.model_dir
+        mae_ref, stage1_uri = r.metrics.get("val_mae"), r.checkpoint
+    return stage1_uri, mae_ref
+
+
+def _train_classifier(
+    run: _PipelineRun,
+    result: PipelineResult,
+    *,
+    from_model: str | None,
+    stage1_uri: str | None,
+    mae_ref: float | None,
+) -> None:
+    """Stage 2 from stage 1's model (or ``from_model`` and the MAE in its model.json), then
+    the routing rules fitted on the validation split."""
+    if result.stage1 is None:
+        result.model_dir = resolve_model_dir(str(from_model))
+        stage1_uri = str(result.model_dir)
+        info = json.loads((result.model_dir / "model.json").read_text())
+        mae_ref = (info.get("meta") or {}).get("val_mae")
+    r2 = run.train(
+        "stage2",
+        "stage 2",
+        params={"stage2.mae_ref": mae_ref, "stage2.init_model": result.model_dir},
+        log_model_json=False,
+        init_model=stage1_uri,
+        mae_ref=mae_ref,
+    )
+    result.stage2, result.model_dir = r2, r2.model_dir
+    with run.step_run("routing") as rid:
+        result.model_dir, result.routing = _fit_routing_step(
+            run.cfg, r2.model_dir, tracker=run.tracker, run_id=rid, say=run.say
+        )
+
+
+def _evaluate(run: _PipelineRun, result: PipelineResult) -> None:
+    """The test-split evaluation of the final model, logged in its step's run and (when
+    that is a child run) in the pipeline's run too."""
+    out = local_run_dir(run.cfg) / "eval"
+    with run.step_run("evaluate") as rid:
+        report = evaluate_for_config(result.model_dir, run.cfg, out)
+        run.tracker.log_artifact(rid, out, "evaluation")
+        run.tracker.log_metrics(rid, report["flat_metrics"])
+    if rid != run.run_id:
+        run.tracker.log_artifact(run.run_id, out, "evaluation")
+    result.report, result.eval_dir = report, out
+    run.say(format_table(report))
+
+
 def run_pipeline(
     cfg: Config,
     *,
@@ -79,131 +254,28 @@ def run_pipeline(
     name's earlier stage results and starts new MLflow runs (resuming the old ones would mix
     two trainings' histories). Registration needs tracking.
     """
-    unknown = set(stages) - {"stage1", "stage2", *HYBRID_STEPS}
-    if unknown:
-        raise PipelineError(
-            f"unknown stage(s) {sorted(unknown)}; choose stage1, stage2 or the hybrid net's "
-            f"steps {', '.join(HYBRID_STEPS)}"
-        )
-    hybrid = [s for s in HYBRID_STEPS if s in stages]
-    if hybrid and cfg.model.multitask != "hybrid":
-        raise PipelineError(
-            f"stages {hybrid} are Xing 3.3.3's training of the hybrid net; the recipe has "
-            f"model.multitask={cfg.model.multitask!r}"
-        )
-    if hybrid and hybrid[0] != HYBRID_STEPS[0] and "stage1" not in stages and not from_model:
-        before = HYBRID_STEPS[HYBRID_STEPS.index(hybrid[0]) - 1]
-        raise PipelineError(f"{hybrid[0]} starts from the {before} model: pass --from <it>")
-    run_stage2 = "stage2" in stages and cfg.train.stage2.enabled
-    if run_stage2 and "stage1" not in stages and not from_model:
-        raise PipelineError(
-            "stage 2 without stage 1 needs the stage-1 model (jobs.train: --from <folder, "
-            "checkpoint, runs:/ or models:/ URI>)"
-        )
+    hybrid, run_stage2 = _check_stages(cfg, stages, from_model)
     say = log or (lambda _text: None)
-    resume = not fresh
-    uri = tracker.uri if tracker.enabled else None
     own_run = run_id is None
+    run_id = _open_run(cfg, tracker, run_id, fresh=fresh)
     if own_run:
-        run_id = tracker.start_pipeline("train", resume=resume)
-        manifest = read_manifest(cfg.data.shards)  # fails fast if the shards are missing
-        tracker.log_manifest(run_id, manifest, "shards")
         say(f"[ageray] run {cfg.run.name!r}: MLflow {tracker.run_url(run_id)}")
-    else:
-        tracker.parent_id = run_id  # child runs go under the caller's run
-
-    @contextlib.contextmanager
-    def step_run(step: str) -> Iterator[str | None]:
-        if step in child_runs:
-            with tracker.stage(step, resume=resume) as rid:
-                yield rid
-        else:
-            yield run_id
-
+    run = _PipelineRun(cfg, tracker, run_id, child_runs, fresh, say)
     result = PipelineResult(run_id=run_id)
-    stage1_uri, mae_ref = None, None
-    if "stage1" in stages:
-        with step_run("stage1") as rid:
-            r1 = run_stage_on_ray(
-                cfg,
-                "stage1",
-                tracking_uri=uri,
-                mlflow_run_id=rid,
-                init_backbone=cfg.train.init_from,
-                fresh=fresh,
-                callbacks=list(stage1_callbacks or []),
-            )
-            if not r1.reused:  # a finished stage logged these when it finished
-                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r1.metrics.items()})
-                tracker.log_artifact(rid, r1.model_dir / "model.json", "model")
-        result.stage1, result.model_dir = r1, r1.model_dir
-        mae_ref = r1.metrics.get("val_mae")
-        stage1_uri = r1.checkpoint  # in the run's storage: what stage 2's workers read
-        say(f"[ageray] stage 1 best: {json.dumps(_shown(r1.metrics))} -> {r1.model_dir}")
-
-    for step in hybrid:
-        # Each step starts from the one before (step 1 from a fresh net, or the identity-
-        # pretrained trunk); the last one is what stage 2 and the evaluation get.
-        init = stage1_uri
-        if init is None and step != HYBRID_STEPS[0]:
-            init = str(resolve_model_dir(str(from_model)))
-        with step_run(step) as rid:
-            r = run_stage_on_ray(
-                cfg,
-                step,
-                tracking_uri=uri,
-                mlflow_run_id=rid,
-                init_model=init,
-                init_backbone=cfg.train.init_from if step == HYBRID_STEPS[0] else None,
-                fresh=fresh,
-            )
-            if not r.reused:
-                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r.metrics.items()})
-                tracker.log_artifact(rid, r.model_dir / "model.json", "model")
-        result.stage1, result.model_dir = r, r.model_dir
-        mae_ref = r.metrics.get("val_mae")
-        stage1_uri = r.checkpoint
-        say(f"[ageray] {step} best: {json.dumps(_shown(r.metrics))} -> {r.model_dir}")
-
+    stage1_uri, mae_ref = _train_representation(
+        run,
+        result,
+        stages=stages,
+        hybrid=hybrid,
+        from_model=from_model,
+        stage1_callbacks=stage1_callbacks,
+    )
     if run_stage2:
-        if result.stage1 is None:
-            result.model_dir = resolve_model_dir(str(from_model))
-            stage1_uri = str(result.model_dir)
-            info = json.loads((result.model_dir / "model.json").read_text())
-            mae_ref = (info.get("meta") or {}).get("val_mae")
-        with step_run("stage2") as rid:
-            tracker.log_params(
-                rid, {"stage2.mae_ref": mae_ref, "stage2.init_model": result.model_dir}
-            )
-            r2 = run_stage_on_ray(
-                cfg,
-                "stage2",
-                tracking_uri=uri,
-                mlflow_run_id=rid,
-                init_model=stage1_uri,
-                mae_ref=mae_ref,
-                fresh=fresh,
-            )
-            if not r2.reused:
-                tracker.log_metrics(rid, {f"best_{k}": v for k, v in r2.metrics.items()})
-        result.stage2, result.model_dir = r2, r2.model_dir
-        say(f"[ageray] stage 2 best: {json.dumps(_shown(r2.metrics))} -> {r2.model_dir}")
-        with step_run("routing") as rid:
-            result.model_dir, result.routing = _fit_routing_step(
-                cfg, r2.model_dir, tracker=tracker, run_id=rid, say=say
-            )
-
+        _train_classifier(
+            run, result, from_model=from_model, stage1_uri=stage1_uri, mae_ref=mae_ref
+        )
     if evaluate and result.model_dir is not None:
-        out = local_run_dir(cfg) / "eval"
-        with step_run("evaluate") as rid:
-            report = evaluate_for_config(result.model_dir, cfg, out)
-            tracker.log_artifact(rid, out, "evaluation")
-            tracker.log_metrics(rid, report["flat_metrics"])
-        if rid != run_id:
-            tracker.log_artifact(run_id, out, "evaluation")
-        result.report, result.eval_dir = report, out
-        say(format_table(report))
-
+        _evaluate(run, result)
     if register and result.model_dir is not None and tracker.enabled:
         metrics = result.report["flat_metrics"] if result.report else {}
         result.registered = log_model(tracker, run_id, result.model_dir, metrics=metrics)
