@@ -239,6 +239,7 @@ class SeaweedProcess:
             *(f"-{opt}={port}" for opt, port in self.ports.items()),
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",  # as AWS: a write to a missing bucket fails
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
