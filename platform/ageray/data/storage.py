@@ -58,6 +58,7 @@ __all__ = [
     "s3_client",
     "sha256",
     "split_s3",
+    "unreachable_cause",
     "upload_file",
     "write_bytes",
     "write_json",
@@ -214,21 +215,62 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (be.ConnectionError, be.HTTPClientError)
 
 
-def _unreachable(exc: BaseException, url: str, action: str) -> StorageUnreachable:
+def _unreachable(
+    exc: BaseException, url: str, action: str, after: str | None = None
+) -> StorageUnreachable:
     """An error that names the endpoint, the object and what to do; for writes it says that
     nothing was committed (uploads are atomic), so re-running is safe."""
     endpoint = endpoint_url()
-    after = (
-        "nothing was written under that name (S3 shows an object only once its upload "
-        "completes); re-run the same command when it answers"
-        if action == "writing"
-        else "re-run when it answers"
-    )
+    if after is None:
+        after = (
+            "nothing was written under that name (S3 shows an object only once its upload "
+            "completes); re-run the same command when it answers"
+            if action == "writing"
+            else "re-run when it answers"
+        )
     return StorageUnreachable(
         f"{action} {url} failed: the S3 endpoint {endpoint} does not answer "
         f"({type(exc).__name__}: {exc}). Check that the S3 server is running and reachable "
         f"and that AWS_ENDPOINT_URL points at it; {after}"
     )
+
+
+# How an unreachable S3 endpoint reads in errors that are not botocore's: pyarrow's S3
+# file system (Ray Train's checkpoints) and worker tracebacks that Ray hands on as text.
+_UNREACHABLE_TEXT = (
+    "AWS Error NETWORK_CONNECTION",
+    "curlCode: 7",
+    "Could not connect to the endpoint URL",
+    "StorageUnreachable",
+)
+
+
+def unreachable_cause(
+    exc: BaseException, url: str, action: str, *, after: str | None = None
+) -> StorageUnreachable | None:
+    """The :class:`StorageUnreachable` (naming the endpoint) to raise instead of ``exc`` when
+    ``exc`` says the S3 endpoint did not answer, else ``None``.
+
+    Why text too: a Ray Train worker's error reaches the driver as a ``WorkerGroupError``
+    whose message is the worker's traceback, and pyarrow's S3 errors are plain ``OSError``s
+    that name neither the endpoint URL nor a fix.
+    """
+    if not is_s3(url):
+        return None
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    text = []
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (StorageUnreachable, *_connection_errors())):
+            return _unreachable(cur, url, action, after)
+        seen.add(id(cur))
+        text.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    blob = "\n".join(text)
+    if any(mark in blob for mark in _UNREACHABLE_TEXT):
+        line = next(ln for ln in blob.splitlines()[::-1] if any(m in ln for m in _UNREACHABLE_TEXT))
+        return _unreachable(ConnectionError(line.strip()[-300:]), url, action, after)
+    return None
 
 
 def _translate(exc: Exception, url: str) -> Exception:
