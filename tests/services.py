@@ -1,6 +1,5 @@
-"""Real services on loopback for integration tests: an S3 server (SeaweedFS, with moto kept
-for faults a real server cannot produce), an MLflow tracking server (sqlite backend, S3
-artifacts) and a Ray head.
+"""Real services on loopback for integration tests: an S3 server (SeaweedFS), an MLflow
+tracking server (sqlite backend, S3 artifacts) and a Ray head.
 
 Why processes and not mocks: boto3 must talk HTTP to an S3 endpoint exactly as in
 production, and the MLflow client must go through a real REST server, so the code paths
@@ -76,8 +75,8 @@ def _stop(proc: subprocess.Popen) -> None:
 class S3Server:
     """An S3 endpoint on loopback and the environment a client needs to reach it.
 
-    ``control`` is the running server's handle (a :class:`SeaweedProcess` for SeaweedFS), so a
-    fault test can stop it and start it again on the same data and port; ``None`` for moto.
+    ``control`` is the running server's handle (a :class:`SeaweedProcess`), so a fault test
+    can stop it and start it again on the same data and port.
     """
 
     endpoint: str
@@ -114,31 +113,6 @@ def _s3_env(endpoint: str) -> dict[str, str]:
         "AWS_ENDPOINT_URL_S3": endpoint,
         "MLFLOW_S3_ENDPOINT_URL": endpoint,
     }
-
-
-@contextlib.contextmanager
-def s3_server(log_dir: Path) -> Iterator[S3Server]:
-    """moto's standalone S3 server on 127.0.0.1 with dummy credentials.
-
-    Only for a test that needs a fault a real server cannot produce; everything else uses
-    :func:`seaweed_server`.
-    """
-    port = free_port()
-    log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **S3_TEST_ENV},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(endpoint + "/moto-api/", proc=proc)
-        yield S3Server(endpoint=endpoint, env=_s3_env(endpoint))
-    finally:
-        _stop(proc)
-        log.close()
 
 
 # --------------------------------------------------------------------------------------
