@@ -253,7 +253,19 @@ def run_stage_on_ray(
         ),
     )
     t0 = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # an S3 outage reads as a worker traceback; say what it is
+        down = storage.unreachable_cause(
+            exc,
+            ray_storage(cfg),
+            f"{stage}: saving or restoring checkpoints under",
+            after="the run stops at its last registered checkpoint; re-run the same command "
+            "when the endpoint answers and it resumes from there",
+        )
+        if down is None:
+            raise
+        raise down from exc
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}") from result.error
     best = _best(result, metric, mode)
