@@ -232,7 +232,7 @@ def _redact_record(record: logging.LogRecord) -> None:
     except (TypeError, ValueError):
         return
     clean = redact(message)
-    if clean != message or record.args:
+    if clean != message:  # else the record stays as made (tests read msg and args)
         record.msg, record.args = clean, None
     if record.exc_info and not record.exc_text:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
