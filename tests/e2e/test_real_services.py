@@ -1,6 +1,6 @@
 """The platform in real-services mode, as in production but on loopback:
 
-* an S3 API server (moto) holding the shards, the Ray Train checkpoints and MLflow's artifacts,
+* an S3 API server (SeaweedFS) holding the shards, the Ray Train checkpoints and MLflow's artifacts,
 * ``mlflow server`` with a sqlite backend and that S3 artifact store,
 * ``ray start --head``, with every job submitted through ``ray job submit``
   (make_shards -> pretrain -> train -> evaluate -> a small tune search),
@@ -53,7 +53,7 @@ def tiny(storage: str, shards: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(s3, tmp_path_factory):
-    """moto S3 + mlflow server + ray head, with the environment a cluster node would have."""
+    """SeaweedFS S3 + mlflow server + ray head, with the environment a cluster node would have."""
     work = tmp_path_factory.mktemp("real-services")
     s3.make_bucket(BUCKET)
     s3.make_bucket("mlflow")

@@ -2,7 +2,7 @@
 
 * a folder of 16 images, 2 of them corrupt, through ``jobs.predict`` on a local Ray: 16 rows,
   the 2 with ``error`` set, the 14 answers those of the one path in-process;
-* shards on S3 (the moto server) in, Parquet on S3 out, ``jobs.predict`` as its own process
+* shards on S3 (the SeaweedFS server) in, Parquet on S3 out, ``jobs.predict`` as its own process
   (its own Ray, as under ``ray job submit``);
 * a real Serve deployment of the app answers as the one path does in-process;
 * ``jobs.export`` on a registered model (real ``mlflow server`` with S3 artifacts): the ONNX

@@ -1,5 +1,5 @@
 """Promotion and a Serve app that follows it, on real services: a real MLflow server (S3
-artifacts on moto), `python -m jobs.promote` as a subprocess, Serve on the session's local
+artifacts on SeaweedFS), `python -m jobs.promote` as a subprocess, Serve on the session's local
 Ray, and Serve's metrics read back from Ray's Prometheus endpoint.
 
 The models are real models whose quality is known by construction: every image gets the

@@ -1,6 +1,6 @@
 """The real Serve app on loopback: serve/config.yaml deployed the way `serve run
 serve/config.yaml` deploys it, the model pulled as models:/<name>@<alias> from a real MLflow
-server (S3 artifacts on moto), and a real HTTP client.
+server (S3 artifacts on SeaweedFS), and a real HTTP client.
 
 One app is shared by the whole module (Serve start + model load take ~10-20 s); tests that
 change it do so through user_config redeploys, which Serve applies in place (reconfigure),

@@ -1,6 +1,6 @@
 """Training on synthetic shards: the worker loop in this process (stage 1, stage 2 from its
 checkpoint, identity pretraining), then through Ray Train with two CPU workers, a real
-MLflow server (sqlite backend, artifacts on the moto S3 server) and the model registry, then
+MLflow server (sqlite backend, artifacts on the SeaweedFS S3 server) and the model registry, then
 fault tolerance (a worker killed mid-epoch; a driver killed and the job resubmitted).
 
 Sized for a shared 2-core machine: ResNet-18 at 64 px, ~300 synthetic images, one or two
@@ -382,7 +382,7 @@ def test_two_workers_both_stages_into_mlflow_and_registry(
     state = load_state(tmp_path / "runs" / name / "stage2" / "model")
     assert state["global_step"] == steps and state["mlflow_run_id"] == s2.info.run_id
 
-    # evaluation artifacts are objects on the (moto) S3 artifact store
+    # evaluation artifacts are objects on the (SeaweedFS) S3 artifact store
     keys = [
         o["Key"]
         for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket="mlflow")
