@@ -99,6 +99,7 @@ from ageray.serving import (
     warmup,
 )
 from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
+from ageray.serving.lifecycle import install_stop_handlers
 from ageray.serving.metrics import RequestMetrics, ServeMetrics
 from ageray.serving.page import PAGE_HEADERS, render_index, static_file
 from ageray.serving.schema import PREDICT_RESPONSES
@@ -216,7 +217,7 @@ class _QueuedImage:
 @serve.deployment(
     name="AgeEstimator",
     max_ongoing_requests=64,
-    max_queued_requests=256,
+    max_queued_requests=128,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
@@ -617,11 +618,14 @@ def app(args: AppArgs) -> Application:
 
     ``serve run`` calls it before it starts a local Ray: the request guard is then set as
     Serve's proxy callback for that Ray (an explicit ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_
-    PATH``, empty included, is left alone). On a running cluster this changes nothing.
+    PATH``, empty included, is left alone), and SIGINT/SIGTERM drain the proxy before
+    ``serve run`` stops Serve (``ageray.serving.lifecycle``). On a running cluster this
+    changes nothing.
     """
     import ray
 
     if not ray.is_initialized():
         install_edge_guard()
+        install_stop_handlers()
     settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
     return build_app(args.model_uri, settings)
