@@ -43,8 +43,14 @@ Slow clients: the guard runs in this app under every way of running, and, when S
 proxy callback points at ``ageray.serving.guard:proxy_middlewares``, also in Serve's proxy
 (or the replica's own HTTP server under direct ingress) *before* a request is routed, so
 stalled uploads never take one of the replica's request slots. ``app`` (the ``serve run``
-builder) sets that callback for the local Ray that ``serve run`` starts; a cluster sets it
-in its environment (README, Operations).
+builder) sets that callback for the local Ray that ``serve run`` starts; ``serve deploy
+serve/config.yaml`` sets it through the file's ``controller_options`` (Serve's proxies
+inherit the controller's environment); the RayService sets it in the pods' environment.
+
+Stopping (``ageray.serving.lifecycle``, ``ageray.serving.drain``): run it as ``python -m
+serve.run serve.app:app ...``; on SIGINT/SIGTERM the edge answers new requests 503 +
+Retry-After, lets the ones in flight finish, closes its listener, and only then Serve and
+Ray stop. The builder also installs that drain for plain ``serve run``.
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``,
 the web page at ``/`` (``ageray.serving.page``: upload, drag-and-drop or camera; it calls

@@ -57,6 +57,7 @@ def _env() -> dict[str, str]:
         OMP_NUM_THREADS="1",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DEDUP_LOGS="0",
+        RAY_raylet_start_wait_time_s="120",  # a busy shared machine starts slowly
         PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]),
     )
     return env

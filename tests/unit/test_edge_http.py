@@ -25,6 +25,11 @@ LIMITS = Limits(header_timeout_s=0.5, max_connections_per_client=4, admission_ti
 async def _app(scope, receive, send) -> None:
     if scope["path"] == "/slow":
         await asyncio.sleep(1.5)
+    if scope["path"] == "/serve-503":  # what Serve's proxy itself sends on backpressure
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -118,6 +123,13 @@ def test_connection_cap_per_client(server) -> None:
             s.close()
     time.sleep(0.2)
     assert exchange(port, b"GET /x" + GET)[0].startswith(b"HTTP/1.1 200")
+
+
+def test_serve_plain_text_errors_become_the_envelope(server) -> None:
+    reply = exchange(server[0], b"GET /serve-503" + GET)[0]
+    status, err = envelope(reply)
+    assert (status, err["code"]) == (503, "overloaded") and "backpressure" in err["message"]
+    assert b"retry-after: 1" in reply.lower()
 
 
 def test_admission_bound_sheds_with_503(server) -> None:

@@ -229,12 +229,21 @@ class RequestGuard:
         request); whatever the app sends afterwards is dropped."""
         started = asyncio.Event()
         gone = asyncio.Event()
+        held: list[Message] = []  # a non-JSON error from Serve itself, rewritten below
 
         async def tracked_send(message: Message) -> None:
             if gone.is_set():
                 return
             if message["type"] == "http.response.start":
                 started.set()
+                if message.get("status", 200) >= 400 and not _is_json(message):
+                    held.append(message)
+                    return
+            if held and message["type"] == "http.response.body":
+                held.append(message)
+                if not message.get("more_body"):
+                    await _as_envelope(held).send(send)
+                return
             await send(message)
 
         async def tracked_receive() -> Message:
@@ -274,6 +283,30 @@ def shed_error(bound: float, retry_after_s: int = 1) -> ServeError:
         f"s; retry after {retry_after_s} s",
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+_SERVE_CODES = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 503: "overloaded"}
+
+
+def _is_json(start: Message) -> bool:
+    for key, value in start.get("headers") or []:
+        if key.lower() == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+def _as_envelope(messages: list[Message]) -> ServeError:
+    """Serve's own plain-text errors (404 no route, 408 request timeout, 503 backpressure,
+    500) as the one JSON envelope, with the same status and Retry-After."""
+    start, parts = messages[0], messages[1:]
+    status = int(start.get("status", 500))
+    text = b"".join(m.get("body", b"") for m in parts).decode("utf-8", "replace").strip()
+    headers = {}
+    for key, value in start.get("headers") or []:
+        if key.lower() == b"retry-after":
+            headers["Retry-After"] = value.decode("latin-1")
+    code = _SERVE_CODES.get(status, "internal" if status >= 500 else "bad_request")
+    return ServeError(status, code, text[:500] or f"HTTP {status}", headers=headers)
 
 
 def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:

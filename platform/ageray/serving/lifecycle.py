@@ -60,7 +60,7 @@ def stop_serving(drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, *, ray_too: b
     import ray
     from ray import serve
 
-    from ageray.serving.drain import drain
+    from ageray.serving.drain import clear_drain, drain
 
     if ray.is_initialized():
         try:
@@ -70,6 +70,8 @@ def stop_serving(drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, *, ray_too: b
             _say(f"drain failed ({type(exc).__name__}: {exc}); stopping Serve anyway")
         serve.shutdown()
         _say("Serve stopped")
+        with contextlib.suppress(Exception):  # a proxy started later ignores it anyway
+            clear_drain()
         if ray_too:
             ray.shutdown()
 
