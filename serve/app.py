@@ -43,8 +43,14 @@ Slow clients: the guard runs in this app under every way of running, and, when S
 proxy callback points at ``ageray.serving.guard:proxy_middlewares``, also in Serve's proxy
 (or the replica's own HTTP server under direct ingress) *before* a request is routed, so
 stalled uploads never take one of the replica's request slots. ``app`` (the ``serve run``
-builder) sets that callback for the local Ray that ``serve run`` starts; a cluster sets it
-in its environment (README, Operations).
+builder) sets that callback for the local Ray that ``serve run`` starts; ``serve deploy
+serve/config.yaml`` sets it through the file's ``controller_options`` (Serve's proxies
+inherit the controller's environment); the RayService sets it in the pods' environment.
+
+Stopping (``ageray.serving.lifecycle``, ``ageray.serving.drain``): run it as ``python -m
+serve.run serve.app:app ...``; on SIGINT/SIGTERM the edge answers new requests 503 +
+Retry-After, lets the ones in flight finish, closes its listener, and only then Serve and
+Ray stop. The builder also installs that drain for plain ``serve run``.
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``,
 the web page at ``/`` (``ageray.serving.page``: upload, drag-and-drop or camera; it calls
@@ -101,6 +107,7 @@ from ageray.serving import (
     warmup,
 )
 from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
+from ageray.serving.lifecycle import install_stop_handlers
 from ageray.serving.metrics import RequestMetrics, ServeMetrics
 from ageray.serving.page import PAGE_HEADERS, render_index, static_file
 from ageray.serving.schema import PREDICT_RESPONSES
@@ -219,7 +226,7 @@ class _QueuedImage:
 @serve.deployment(
     name="AgeEstimator",
     max_ongoing_requests=64,
-    max_queued_requests=256,
+    max_queued_requests=128,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     # glibc malloc for the replica as serve/config.yaml sets it (why: there): RSS that
     # settles, ~150 MB lower (benchmarks/serve_soak.py)
@@ -629,7 +636,9 @@ def app(args: AppArgs) -> Application:
 
     ``serve run`` calls it before it starts a local Ray: the request guard is then set as
     Serve's proxy callback for that Ray (an explicit ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_
-    PATH``, empty included, is left alone). On a running cluster this changes nothing.
+    PATH``, empty included, is left alone), and SIGINT/SIGTERM drain the proxy before
+    ``serve run`` stops Serve (``ageray.serving.lifecycle``). On a running cluster this
+    changes nothing.
     """
     import ray
 
@@ -637,5 +646,6 @@ def app(args: AppArgs) -> Application:
     remember_uris([args.model_uri or os.environ.get(MODEL_URI_ENV) or ""])
     if not ray.is_initialized():
         install_edge_guard()
+        install_stop_handlers()
     settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
     return build_app(args.model_uri, settings)

@@ -35,13 +35,6 @@ from ageray.serving.guard import (
     proxy_middlewares,
 )
 from ageray.serving.images import check_image_header, decode_checked
-from ageray.serving.model import (
-    ServedModel,
-    batch_buckets,
-    build_prediction,
-    load_served_model,
-    warmup,
-)
 from ageray.serving.requests import (
     ClientDisconnected,
     ImagePayload,
@@ -52,6 +45,28 @@ from ageray.serving.requests import (
     read_body,
 )
 from ageray.serving.settings import Limits, ServeSettings
+
+# The model side imports torch (~1-2 GB, seconds to import). Serve's HTTP proxy imports this
+# package for the edge guard and must not pay that: it would load torch into every proxy and
+# make the proxy miss its readiness checks while it imports. Loaded on first use instead.
+_MODEL_NAMES = frozenset(
+    {
+        "ServedModel",
+        "batch_buckets",
+        "build_prediction",
+        "load_served_model",
+        "warmup",
+    }
+)
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _MODEL_NAMES:
+        from ageray.serving import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'ageray.serving' has no attribute {name!r}")
+
 
 __all__ = [
     "Admission",

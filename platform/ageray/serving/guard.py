@@ -26,6 +26,7 @@ Nothing here imports Ray: the guard is tested in-process (tests/unit/test_guard.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -33,6 +34,8 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from ageray.serving.drain import DrainState, EdgeMonitor, draining_error
+from ageray.serving.edge_http import url_too_long
 from ageray.serving.errors import ServeError
 from ageray.serving.requests import (
     ClientDisconnected,
@@ -127,7 +130,13 @@ class RequestGuard:
     """Pure ASGI middleware (see the module docstring).
 
     ``limits``: a :class:`Limits` or a callable returning the current ones. ``where``
-    (``app`` / ``edge``) tags log lines and metrics.
+    (``app`` / ``edge``) tags log lines and metrics. ``drain``: the server's
+    :class:`~ageray.serving.drain.DrainState`; while it drains, new requests get 503 +
+    ``Retry-After`` + ``Connection: close`` and the ones in flight are counted until they
+    end. ``shed``: answer 503 + ``Retry-After`` when the response has not started within
+    ``limits.admission_timeout_s`` (the edge: a request queued behind busy replicas is
+    refused quickly instead of waiting; the app itself is told the client left, so Serve
+    cancels the queued request).
     """
 
     def __init__(
@@ -137,24 +146,44 @@ class RequestGuard:
         limits: Limits | Callable[[], Limits] | None = None,
         where: str = "app",
         counts: GuardCounts | None = None,
+        drain: DrainState | None = None,
+        shed: bool = False,
     ) -> None:
         self.app = app
         self._limits: Callable[[], Limits] = limits if callable(limits) else LiveLimits(limits)
         self.where = where
         self.counts = counts if counts is not None else GuardCounts()
+        self.drain = drain
+        self.shed = shed
+        self._abandoned: set[asyncio.Task] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.drain is None:
+            await self._guarded(scope, receive, send)
+            return
+        if not self.drain.enter():
+            self.counts.add("shutting_down", self.where)
+            await draining_error().send(send)
+            return
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.drain.leave()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         limits = self._limits()
         headers = scope.get("headers") or []
         try:
             target = (scope.get("raw_path") or b"") + (scope.get("query_string") or b"")
+            if len(target) > limits.max_url_bytes:
+                raise url_too_long(len(target), limits.max_url_bytes)
             check_headers(headers, limits, target)
             declared, has_body = declared_length(headers)
             if not has_body:  # GET probes: nothing to wait for
-                await self.app(scope, receive, send)
+                await self._forward(scope, receive, send, limits)
                 return
             body = await read_body(
                 receive,
@@ -186,7 +215,107 @@ class RequestGuard:
                 n,
             )
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self._forward(scope, _replay(body, receive), send, limits)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, limits: Limits) -> None:
+        if not self.shed:
+            await self.app(scope, receive, send)
+            return
+        await self._bounded(scope, receive, send, limits.admission_timeout_s)
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, bound: float) -> None:
+        """Run the app; if its response has not started within ``bound`` seconds, answer
+        503 + Retry-After and tell the app the client left (Serve then cancels the queued
+        request); whatever the app sends afterwards is dropped."""
+        started = asyncio.Event()
+        gone = asyncio.Event()
+        held: list[Message] = []  # a non-JSON error from Serve itself, rewritten below
+
+        async def tracked_send(message: Message) -> None:
+            if gone.is_set():
+                return
+            if message["type"] == "http.response.start":
+                started.set()
+                if message.get("status", 200) >= 400 and not _is_json(message):
+                    held.append(message)
+                    return
+            if held and message["type"] == "http.response.body":
+                held.append(message)
+                if not message.get("more_body"):
+                    await _as_envelope(held).send(send)
+                return
+            await send(message)
+
+        async def tracked_receive() -> Message:
+            if gone.is_set():
+                return {"type": "http.disconnect"}
+            recv = asyncio.ensure_future(receive())
+            left = asyncio.ensure_future(gone.wait())
+            done, _ = await asyncio.wait({recv, left}, return_when=asyncio.FIRST_COMPLETED)
+            if recv in done:
+                left.cancel()
+                return recv.result()
+            recv.cancel()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({task, waiter}, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if started.is_set() or task.done():
+            await task  # the response is under way (or done): let it finish
+            return
+        gone.set()
+        self.counts.add("shed", self.where)
+        await shed_error(bound).send(send)
+        self._abandoned.add(task)  # ends on its own once Serve sees the disconnect
+        task.add_done_callback(_forget(self._abandoned))
+
+
+def shed_error(bound: float, retry_after_s: int = 1) -> ServeError:
+    """503 for a request whose answer did not start within the admission bound."""
+    return ServeError(
+        503,
+        "overloaded",
+        f"the service is overloaded: no replica could start on this request within {bound:g} "
+        f"s; retry after {retry_after_s} s",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+_SERVE_CODES = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 503: "overloaded"}
+
+
+def _is_json(start: Message) -> bool:
+    for key, value in start.get("headers") or []:
+        if key.lower() == b"content-type":
+            return b"json" in value.lower()
+    return False
+
+
+def _as_envelope(messages: list[Message]) -> ServeError:
+    """Serve's own plain-text errors (404 no route, 408 request timeout, 503 backpressure,
+    500) as the one JSON envelope, with the same status and Retry-After."""
+    start, parts = messages[0], messages[1:]
+    status = int(start.get("status", 500))
+    text = b"".join(m.get("body", b"") for m in parts).decode("utf-8", "replace").strip()
+    headers = {}
+    for key, value in start.get("headers") or []:
+        if key.lower() == b"retry-after":
+            headers["Retry-After"] = value.decode("latin-1")
+    code = _SERVE_CODES.get(status, "internal" if status >= 500 else "bad_request")
+    return ServeError(status, code, text[:500] or f"HTTP {status}", headers=headers)
+
+
+def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("ageray edge: a shed request ended with %r", task.exception())
+
+    return done
 
 
 def _header(headers: Any, name: bytes) -> str | None:
@@ -237,9 +366,18 @@ def proxy_middlewares() -> list[Any]:
     """
     from starlette.middleware import Middleware
 
+    from ageray.serving import edge_http
+
     limits = edge_limits()
-    log.info("ageray edge: request guard on (%s)", limits)
-    return [Middleware(RequestGuard, limits=limits, where="edge")]
+    parser = edge_http.install(limits)
+    state = DrainState()
+    EdgeMonitor(state).start()
+    log.info(
+        "ageray edge: request guard on (%s; guarded parser %s, drain on shutdown)",
+        limits,
+        "on" if parser else "off",
+    )
+    return [Middleware(RequestGuard, limits=limits, where="edge", drain=state, shed=True)]
 
 
 def install_edge_guard(environ: MutableMapping[str, str] | None = None) -> bool:

@@ -34,6 +34,17 @@ class Limits:
     or trickling upload gets 408 after a few seconds, while a large image on a slow but
     moving link keeps earning time. ``max_header_bytes`` / ``max_headers`` bound the header
     block (431); Serve's HTTP server itself sets no header limit.
+
+    Edge only (Serve's proxy, ``AGERAY_EDGE_LIMITS``; a replica's ``user_config`` cannot
+    reach the proxy, so these keys are accepted there and have no effect in the app):
+    ``header_timeout_s`` is the time a connection has to deliver its request line and
+    headers (408, then closed; a connection that sends nothing is closed); ``max_url_bytes``
+    bounds the URL (414); ``max_connections_per_client`` caps open connections per client
+    address (503; 0 = off; behind a load balancer that hides client addresses every
+    client shares its address: raise it or set 0); ``admission_timeout_s`` is the longest a
+    request waits for its answer to start (queued in the proxy or at the replica) before
+    it is shed with 503 + ``Retry-After``: a client gets a quick refusal instead of a long
+    queue.
     """
 
     max_image_bytes: int = 10 * MiB
@@ -44,6 +55,10 @@ class Limits:
     body_min_bytes_per_s: int = 16 * 1024
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
+    header_timeout_s: float = 5.0
+    max_url_bytes: int = 16 * 1024
+    max_connections_per_client: int = 512
+    admission_timeout_s: float = 5.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, base: Limits | None = None) -> Limits:
@@ -57,6 +72,7 @@ class Limits:
             "max_images",
             "max_header_bytes",
             "max_headers",
+            "max_url_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"serving limit {name}={getattr(self, name)} must be >= 1")
@@ -64,6 +80,17 @@ class Limits:
             raise ValueError(
                 f"serving limit body_timeout_s={self.body_timeout_s} must be > 0 seconds; a "
                 "few seconds is typical"
+            )
+        for name in ("header_timeout_s", "admission_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"serving limit {name}={getattr(self, name)} must be > 0 seconds; a few "
+                    "seconds is typical"
+                )
+        if self.max_connections_per_client < 0:
+            raise ValueError(
+                f"serving limit max_connections_per_client={self.max_connections_per_client} "
+                "must be >= 0 (0: no cap)"
             )
         if self.body_min_bytes_per_s < 0:
             raise ValueError(
