@@ -84,3 +84,44 @@ def test_names() -> None:
     assert is_video("a/B.MP4") and is_video("x.webm") and is_video("y.mkv")
     assert not is_video("face.jpg") and not is_video("mp4")
     assert frame_key("clips/a.mp4", 12) == "clips/a.mp4#frame=12"
+
+
+def test_batch_prediction_sources_read_a_videos_frames(tmp_path: Path) -> None:
+    """jobs.predict's sources: a video in the input folder is one item of its own whose
+    rows are its sampled frames (key, frame index, timestamp); photos keep None there; a
+    broken video is one error row naming it."""
+    from ageray.inference.sources import list_items, read_item
+
+    (tmp_path / "clips").mkdir()
+    _write(tmp_path / "clips" / "walk.avi", frames=30, fps=10.0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "broken.mp4").write_bytes(b"nope")
+    items = list_items(str(tmp_path), fps=2.0)
+    kinds = sorted((i["kind"], i.get("url", "").rsplit("/", 1)[-1]) for i in items)
+    assert kinds == [("files", ""), ("video", "broken.mp4"), ("video", "walk.avi")]
+    rows = [r for item in items for r in read_item(item)]
+    photo = [r for r in rows if r["key"] == "photo.jpg"]
+    assert photo[0]["frame_index"] is None and photo[0]["timestamp_s"] is None
+    frames = [r for r in rows if r["key"].startswith("clips/walk.avi#")]
+    assert [r["key"] for r in frames] == [
+        f"clips/walk.avi#frame={i}" for i in (0, 5, 10, 15, 20, 25)
+    ]
+    assert [r["timestamp_s"] for r in frames] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert all(r["image"][:2] == b"\xff\xd8" and r["error"] is None for r in frames)
+    (bad,) = [r for r in rows if r["key"] == "broken.mp4"]
+    assert (
+        bad["image"] is None
+        and bad["error"].startswith("bad_video: ")
+        and "broken.mp4" in bad["error"]
+    )
+    single = list_items(str(tmp_path / "clips" / "walk.avi"), fps=1.0)
+    assert single == [
+        {
+            "kind": "video",
+            "url": str(tmp_path / "clips" / "walk.avi"),
+            "root": str(tmp_path / "clips"),
+            "fps": 1.0,
+        }
+    ]
+    with pytest.raises(ValueError, match="--fps"):
+        list_items(str(tmp_path), fps=0)
