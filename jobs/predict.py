@@ -1,8 +1,9 @@
 """Batch prediction with Ray Data: a folder, tar archive, shards or s3:// prefix of face images
--> one Parquet file of answers.
+(and videos) -> one Parquet file of answers.
 
     python -m jobs.predict --model models:/ageray@candidate --input photos/ --output ages.parquet
     python -m jobs.predict --model runs/demo/stage2/model --input faces.tar --output out.parquet
+    python -m jobs.predict --model models:/ageray@prod --input clips/ --fps 2 --output v.parquet
     python -m jobs.predict --model models:/ageray@prod --input s3://bucket/shards/utk \\
         --split test --output s3://bucket/predictions/utk-test.parquet --actors 4
     ray job submit --working-dir . -- python -m jobs.predict --model ... --input s3://... ...
@@ -17,6 +18,12 @@ complete. Columns (``ageray.inference.answers``): key, source, age, age_low, age
 interval), head, weight_balanced, rule, age_vanilla, kl_vanilla, age_balanced, kl_balanced,
 gender, gender_probs, race, race_probs, face_found, face_box, [distribution], error. A file
 that is not a usable image is a row with ``error`` set, never a crash.
+
+Videos (.mp4 .avi .mov .mkv .webm, read with OpenCV: ``ageray.inference.video``): ``--fps``
+frames a second are sampled, each goes through the same path as a photo, and each row also
+has ``frame_index``, ``timestamp_s``, ``track_id`` (a face followed across frames by IoU
+matching: ``ageray.inference.tracking``) and ``age_smoothed`` (the track's running median);
+these are None for photos. The progress bar counts images and frames done.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ageray.inference.video import DEFAULT_FPS
 from jobs._common import Timer, base_parser, load, setup_logging
 
 
@@ -48,6 +56,7 @@ def parse(argv: list[str] | None = None):
     )
     p.add_argument("--rule", help="routing rule (default: the model's own)")
     p.add_argument("--distribution", action="store_true", help="add the age distribution")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="video frames sampled a second")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -77,6 +86,34 @@ def _model_files(model: str, backend: str) -> dict[str, bytes]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write(ds: Any, args: Any, *, total: int | None) -> Any:
+    """Stream the answer tables into the Parquet file; a video's rows are held until the end
+    and written tracked (``VideoTracks``: Ray Data answers frames in any order). The bar
+    counts images and sampled frames done. Returns the sink (its summary)."""
+    from ageray.inference.tracking import VideoTracks
+    from ageray.prediction import ParquetSink
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        desc = "[ageray] predict (images + frames)"
+        bar = tqdm(total=total or None, unit="img", desc=desc, file=sys.stdout)
+    tracks = VideoTracks()
+    with ParquetSink(args.output, distribution=args.distribution) as sink:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if bar is not None:
+                bar.update(tracks.images_in(table))
+            photos = tracks.split(table)
+            if photos.num_rows:
+                sink.write(photos)
+        for table in tracks.tables(distribution=args.distribution):
+            sink.write(table)
+    if bar is not None:
+        bar.close()
+    return sink
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     setup_logging()
@@ -97,14 +134,14 @@ def run(args: Any, cfg: Any) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    from ageray.inference.sources import list_items, read_item
-    from ageray.prediction import BatchPredictor, ParquetSink, describe_items
+    from ageray.inference.sources import expected_images, list_items, read_item
+    from ageray.prediction import BatchPredictor, describe_items
     from ageray.tracking import Tracker
     from ageray.training.driver import init_ray
 
     if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
         Tracker(cfg)  # points MLflow at the configured server for models:/ URIs
-    items = list_items(args.input, splits=args.split)
+    items = list_items(args.input, splits=args.split, fps=args.fps)
     files = _model_files(args.model, args.backend)
     init_ray(cfg)
     verbose = os.environ.get("AGERAY_VERBOSE", "") not in ("", "0", "false")
@@ -121,7 +158,6 @@ def run(args: Any, cfg: Any) -> Any:
     actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     if gpu and not args.actors:
         actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
-    total = sum(len(i["urls"]) for i in items) if all(i["kind"] == "files" for i in items) else 0
     print(
         f"[ageray] predicting {describe_items(items)} from {args.input} with {args.model} "
         f"({args.backend}, {actors} actor(s) x {cpus:g} CPU{', 1 GPU' if gpu else ''}, "
@@ -151,18 +187,7 @@ def run(args: Any, cfg: Any) -> Any:
             num_gpus=1 if gpu else 0,
         )
     )
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total or None, unit="img", desc="[ageray] predict", file=sys.stdout)
-    with ParquetSink(args.output, distribution=args.distribution) as sink:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            sink.write(table)
-            if bar is not None:
-                bar.update(table.num_rows)
-    if bar is not None:
-        bar.close()
+    sink = _write(ds, args, total=expected_images(items))
     summary = sink.summary
     total, steady = summary.throughput()
     print(f"[ageray] {summary.line()}")

@@ -30,6 +30,7 @@ __all__ = [
     "BatchPredictor",
     "ParquetSink",
     "PredictSummary",
+    "carry_video_columns",
     "cpu_count",
     "describe_items",
     "load_predictor",
@@ -132,7 +133,24 @@ class BatchPredictor:
             distribution=self.distribution,
             batch_size=max(1, len(cols["key"])),
         )
+        carry_video_columns(cols, rows)
         return rows_to_table(rows, distribution=self.distribution)
+
+
+def carry_video_columns(cols: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A sampled video frame's ``frame_index`` and ``timestamp_s`` (set by
+    ``sources.read_item``) onto its answer rows, which share its key (one row per face)."""
+    if "frame_index" not in cols:
+        return
+    frames = {
+        str(k): (f, t)
+        for k, f, t in zip(cols["key"], cols["frame_index"], cols["timestamp_s"])
+        if f is not None
+    }
+    for row in rows if frames else ():
+        hit = frames.get(str(row["key"]))
+        if hit is not None:
+            row["frame_index"], row["timestamp_s"] = int(hit[0]), float(hit[1])
 
 
 @dataclass
@@ -240,7 +258,7 @@ def describe_items(items: list[Mapping[str, Any]]) -> str:
     kinds: Counter = Counter()
     for item in items:
         kinds[item["kind"]] += len(item.get("urls", ())) or 1
-    names = {"files": "image files", "tar": "tar archives", "shard": "shards"}
+    names = {"files": "image files", "tar": "tar archives", "shard": "shards", "video": "videos"}
     return ", ".join(f"{n:,} {names[k]}" for k, n in kinds.items())
 
 

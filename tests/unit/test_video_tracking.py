@@ -108,3 +108,42 @@ def test_bad_settings() -> None:
         FaceTracker(max_missed=-1)
     with pytest.raises(ValueError, match="2 boxes but 1 ages"):
         FaceTracker().update([_box(0, 0), _box(9, 9)], [1.0])
+
+
+def test_batch_prediction_holds_video_rows_and_writes_them_tracked() -> None:
+    """What jobs.predict's driver does with answer tables arriving in any order: photo rows
+    pass, a video's rows come out at the end tracked, in the Parquet schema."""
+    from ageray.inference.answers import arrow_schema, rows_to_table
+    from ageray.inference.tracking import VideoTracks
+    from ageray.prediction import carry_video_columns
+
+    def face(key: str, f: int | None, x: float, age: float, i: int = 0) -> dict:
+        return {"key": key, "source": "clip.mp4" if f is not None else key, "age": age,
+                "face_box": _box(x, 0), "face_index": i, "frame_index": f,
+                "timestamp_s": None if f is None else f / 10}  # fmt: skip
+
+    late = rows_to_table([face("clip.mp4#frame=5", 5, 3, 41.0), face("a.jpg", None, 0, 9.0)])
+    early = rows_to_table([face("clip.mp4#frame=0", 0, 0, 40.0),
+                           face("clip.mp4#frame=0", 0, 300, 70.0, i=1)])  # fmt: skip
+    tracks = VideoTracks()
+    assert VideoTracks.images_in(early) == 1 and VideoTracks.images_in(late) == 2
+    passed = [tracks.split(t) for t in (late, early)]
+    assert [t.num_rows for t in passed] == [1, 0] and tracks.videos == 1
+    assert passed[0].column("key").to_pylist() == ["a.jpg"]
+    (video,) = list(tracks.tables())
+    assert video.schema == arrow_schema()
+    got = video.select(["frame_index", "timestamp_s", "track_id", "age_smoothed"]).to_pylist()
+    assert got == [
+        {"frame_index": 0, "timestamp_s": 0.0, "track_id": 0, "age_smoothed": 40.0},
+        {"frame_index": 0, "timestamp_s": 0.0, "track_id": 1, "age_smoothed": 70.0},
+        {"frame_index": 5, "timestamp_s": 0.5, "track_id": 0, "age_smoothed": 40.5},
+    ]
+    assert tracks.videos == 0  # handed over once
+    # the actor side: a frame's index and time go onto every face row of its key
+    rows = [{"key": "v#frame=3"}, {"key": "v#frame=3"}, {"key": "p.jpg"}]
+    carry_video_columns(
+        {"key": ["v#frame=3", "p.jpg"], "frame_index": [3, None], "timestamp_s": [0.3, None]},
+        rows,
+    )
+    assert [r.get("frame_index") for r in rows] == [3, 3, None]
+    assert [r.get("timestamp_s") for r in rows] == [0.3, 0.3, None]

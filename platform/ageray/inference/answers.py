@@ -42,6 +42,7 @@ __all__ = [
     "HEADS",
     "INTERVAL_LEVEL",
     "ROW_FIELDS",
+    "VIDEO_FIELDS",
     "answer_rows",
     "arrow_schema",
     "error_row",
@@ -49,6 +50,9 @@ __all__ = [
     "rows_to_table",
 ]
 
+#: batch prediction's video columns (``ageray.inference.video``, ``.tracking``): in the
+#: Parquet schema only, None for photos
+VIDEO_FIELDS = ("frame_index", "timestamp_s", "track_id", "age_smoothed")
 HEADS = ("vanilla", "balanced")
 INTERVAL_LEVEL = 0.9
 ROW_FIELDS = (
@@ -196,6 +200,8 @@ def arrow_schema(distribution: bool = False) -> Any:
         "error": pa.string(),
     }
     fields = [pa.field(name, types.get(name, f64)) for name in ROW_FIELDS]
+    video = {"frame_index": pa.int64(), "track_id": pa.int64()}
+    fields[-1:-1] = [pa.field(name, video.get(name, f64)) for name in VIDEO_FIELDS]
     if distribution:
         fields.insert(len(fields) - 1, pa.field("distribution", pa.list_(pa.float32())))
     return pa.schema(fields)

@@ -36,6 +36,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TAR_EXTENSIONS",
     "VIDEO_EXTENSIONS",
+    "expected_images",
     "list_items",
     "read_item",
 ]
@@ -105,6 +106,26 @@ def list_items(
     items += [{"kind": "tar", "url": u} for u in tars]
     items += [{"kind": "video", "url": u, "root": src, "fps": float(fps)} for u in videos]
     return items
+
+
+def expected_images(items: list[dict[str, Any]]) -> int | None:
+    """How many images the items yield (files, plus the sampled frames of local videos, read
+    from their headers), for a progress bar's total; None when unknown beforehand (tar
+    archives and shards are counted only as they are read; videos under ``s3://``)."""
+    from .video import expected_samples, probe
+
+    total = 0
+    for item in items:
+        if item["kind"] == "files":
+            total += len(item["urls"])
+        elif item["kind"] == "video" and not storage.is_s3(item["url"]):
+            try:
+                total += expected_samples(probe(item["url"]), item["fps"])
+            except ValueError:  # not a readable video: its one error row
+                total += 1
+        else:
+            return None
+    return total
 
 
 def _parent(url: str) -> str:

@@ -21,7 +21,10 @@ observations is the estimate that single bad frames (motion blur, a half-turned 
 blink) cannot drag, and it is causal, so a row can be written as soon as its frame is seen.
 
 :func:`track_rows` applies it to the answer rows of one video (``frame_index``, ``face_box``,
-``age``), filling ``track_id`` and ``age_smoothed``. Nothing here imports Ray or torch.
+``age``), filling ``track_id`` and ``age_smoothed``; :class:`VideoTracks` is how batch
+prediction's driver uses it: Ray Data answers a video's frames in any order and on any actor,
+so the driver sets each video's rows aside as their tables arrive (a few small rows a frame,
+no images) and tracks each video whole at the end. Nothing here imports Ray or torch.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_MISSED",
     "FaceTracker",
     "Track",
+    "VideoTracks",
     "iou",
     "match_greedy",
     "track_rows",
@@ -174,3 +178,49 @@ def track_rows(
             r.setdefault("age_smoothed", None)
         out.extend(group)
     return out
+
+
+class VideoTracks:
+    """The rows of video frames in answer tables, held per video until :meth:`tables`
+    tracks each (module docstring). Photo rows (``frame_index`` None) pass straight on."""
+
+    def __init__(
+        self, *, iou_threshold: float = DEFAULT_IOU, max_missed: int = DEFAULT_MAX_MISSED
+    ) -> None:
+        FaceTracker(iou_threshold=iou_threshold, max_missed=max_missed)  # checks the values
+        self.iou_threshold, self.max_missed = iou_threshold, max_missed
+        self._videos: dict[str, list[dict[str, Any]]] = {}
+
+    @staticmethod
+    def images_in(table: Any) -> int:
+        """How many images (photos and sampled frames) a table answers: its distinct keys
+        (a photo's faces share its key)."""
+        return len(set(table.column("key").to_pylist()))
+
+    def split(self, table: Any) -> Any:
+        """``table`` without its video rows, which are kept for :meth:`tables`."""
+        import pyarrow.compute as pc
+
+        frames = table.column("frame_index")
+        if frames.null_count == table.num_rows:
+            return table
+        photos = pc.is_null(frames)
+        for row in table.filter(pc.invert(photos)).to_pylist():
+            self._videos.setdefault(str(row["source"]), []).append(row)
+        return table.filter(photos)
+
+    @property
+    def videos(self) -> int:
+        return len(self._videos)
+
+    def tables(self, *, distribution: bool = False) -> Iterable[Any]:
+        """Each video's rows, tracked, as an answer table (videos in name order)."""
+        from .answers import rows_to_table
+
+        for source in sorted(self._videos):
+            rows = track_rows(
+                self._videos.pop(source),
+                iou_threshold=self.iou_threshold,
+                max_missed=self.max_missed,
+            )
+            yield rows_to_table(rows, distribution=distribution)
