@@ -2,7 +2,7 @@
 
 Why one function: Serve's JSON, the pyfunc model's DataFrame and the Parquet file of batch
 prediction are three renderings of the same row, computed here from the outputs of
-:class:`~ageray.inference.predictor.RoutedPredictor` (or the exported graph, which has the
+:class:`~ageray.inference.graph.RoutedGraph` (or the exported graph, which has the
 same output names). A row is flat, so it is also a Parquet record:
 
 ====================  ==================================================================
