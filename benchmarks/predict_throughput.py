@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 
-    from ageray.inference import ImagePredictor
+    from ageray.inference import load_predictor
     from benchmarks.serve_load import make_model
 
     with tempfile.TemporaryDirectory(prefix="ageray-bench-") as tmp:
         work = Path(tmp)
         model = Path(args.model) if args.model else make_model(work / "model", args.image_size)
         tar, n, what = make_input(args.limit or None, work)
-        path = ImagePredictor.load(model)
+        path = load_predictor(model)
         faces = read_faces(tar, args.batch_size)
         before = bare_forward(path, faces, args.batch_size, args.seconds)
         job = run_job(model, tar, work / "out.parquet", args.batch_size, args.cpus)

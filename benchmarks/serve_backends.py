@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import yaml
 
-    from ageray.export import ensure_onnx
+    from ageray.inference import fetch_model_files, with_export
     from ageray.serving import Limits, load_served_model
     from benchmarks.serve_load import floor_point, load_images, make_model
 
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(args.model) if args.model else make_model(work / "model", args.image_size)
         folder = work / "served"
         shutil.copytree(src, folder, ignore=shutil.ignore_patterns("export"))
-        onnx = ensure_onnx(folder, folder / "export" / "onnx")  # exported once, found by both
+        # exported once, written beside the weights as jobs.export logs it, found by both
+        for rel, data in with_export(fetch_model_files(folder)).files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        onnx = folder / "export" / "onnx" / "model.onnx"
         served = {
             "torch": load_served_model(str(folder), "cpu", channels_last=channels_last),
             "onnxruntime": load_served_model(

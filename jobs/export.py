@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.export import export_model
-    from ageray.inference import ImagePredictor
+    from ageray.inference import load_predictor
+    from ageray.inference.export import export_model
     from ageray.tracking import Tracker, resolve_model_dir
 
     remote = ":/" in args.model
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="ageray-export-") if remote else None
     try:
         folder = resolve_model_dir(args.model, dst=tmp)
-        path = ImagePredictor.load(folder)
+        path = load_predictor(folder)
         try:
             images = parity_images(path, args.parity_input, args.parity_images)
             info = export_model(folder, args.output, fmt=args.fmt, images=images, rule=args.rule)

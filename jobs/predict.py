@@ -8,7 +8,8 @@
         --split test --output s3://bucket/predictions/utk-test.parquet --actors 4
     ray job submit --working-dir . -- python -m jobs.predict --model ... --input s3://... ...
 
-Every image goes through the one inference path (``ageray.inference.ImagePredictor``):
+Every image goes through the one inference path (``ageray.inference.ImagePredictor``,
+loaded by ``ageray.inference.load_predictor``):
 alignment as the model was trained (``--align auto``), the JPEG draft decode, evaluation's
 preprocessing, image + flip through both heads, the model's routing rule. Ray Data reads the
 inputs in parallel tasks (files, tar members, shard samples, through ``ageray.data.storage``)
@@ -31,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ageray.inference.video import DEFAULT_FPS
@@ -62,36 +62,22 @@ def parse(argv: list[str] | None = None):
 
 
 def _model_files(model: str, backend: str) -> dict[str, bytes]:
-    """The model's files, read once on the driver and shipped to every actor (actors on
-    other nodes need neither the registry nor this node's disk). With the onnxruntime
-    backend the export goes with them (the logged one when it matches, else made here)."""
-    import shutil
-    import tempfile
+    """The model's files, read once on the driver by the one loader's fetch and shipped to
+    every actor (actors on other nodes need neither the registry nor this node's disk). With
+    the onnxruntime backend the export goes with them (the logged one when it matches, else
+    made here once, not once per actor)."""
+    from ageray.inference import fetch_model_files, with_export
 
-    from ageray.export import EXPORT_INFO, FILES, export_model, find_export
-    from ageray.tracking import REGISTRY_FILES, resolve_model_dir
-
-    tmp = tempfile.mkdtemp(prefix="ageray-predict-")
-    try:
-        folder = resolve_model_dir(model, dst=tmp if ":/" in model else None)
-        files = {name: (folder / name).read_bytes() for name in REGISTRY_FILES}
-        if backend == "onnxruntime":
-            onnx = find_export(folder, "onnx")
-            if onnx is None:
-                onnx = Path(export_model(folder, Path(tmp) / "onnx", fmt="onnx")["path"])
-            files[f"export/onnx/{FILES['onnx']}"] = onnx.read_bytes()
-            files[f"export/onnx/{EXPORT_INFO}"] = (onnx.parent / EXPORT_INFO).read_bytes()
-        return files
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files = fetch_model_files(model)
+    return (with_export(files) if backend == "onnxruntime" else files).files
 
 
 def _write(ds: Any, args: Any, *, total: int | None) -> Any:
     """Stream the answer tables into the Parquet file; a video's rows are held until the end
     and written tracked (``VideoTracks``: Ray Data answers frames in any order). The bar
     counts images and sampled frames done. Returns the sink (its summary)."""
+    from ageray.inference.batch import ParquetSink
     from ageray.inference.tracking import VideoTracks
-    from ageray.prediction import ParquetSink
 
     bar = None
     if not args.no_progress:
@@ -127,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: Any, cfg: Any) -> Any:
-    """The job; returns its :class:`ageray.prediction.PredictSummary`. Bad ``--input`` or
+    """The job; returns its :class:`ageray.inference.batch.PredictSummary`. Bad ``--input`` or
     ``--model`` raise FileNotFoundError / ValueError before Ray starts."""
     timer = Timer()
 
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+    from ageray.inference.batch import BatchWorker, describe_items
     from ageray.inference.sources import expected_images, list_items, read_item
-    from ageray.prediction import BatchPredictor, describe_items
     from ageray.tracking import Tracker
     from ageray.training.driver import init_ray
 
@@ -170,7 +156,7 @@ def run(args: Any, cfg: Any) -> Any:
         # reading is I/O: it must not wait for a CPU the model actors hold
         .flat_map(read_item, num_cpus=0, compute=TaskPoolStrategy(size=max(2, actors)))
         .map_batches(
-            BatchPredictor,
+            BatchWorker,
             fn_constructor_kwargs={
                 "model": ray.put(files),  # once in the object store, not in every task spec
                 "device": "cuda" if gpu else "cpu",

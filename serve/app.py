@@ -13,10 +13,10 @@ which at concurrency 1 costs more than the forward saves; replicas scale out as 
 Per request: the request guard (``ageray.serving.guard``: header caps, the body read whole
 under a byte cap and a deadline) -> auth -> parse (``ageray.serving``) -> admission
 (in-flight images) -> decode + preprocess in the handler (evaluation's code; large images
-in a worker thread) -> each image joins the ``@serve.batch`` queue -> the batch runs
-``model.predict(x, flip=True)`` (image + flip, both heads, one backbone pass, AR per image)
-in a single forward thread, so the event loop keeps accepting and decoding requests while
-the model computes -> JSON.
+in a worker thread) -> each image joins the ``@serve.batch`` queue -> the batch runs the one
+inference path's forward (``ServedModel.forward``: image + flip, both heads, one backbone
+pass, the model's routing rule per image) in a single forward thread, so the event loop keeps
+accepting and decoding requests while the model computes -> JSON.
 
 Batching (``ageray.serving.BatchWindow``): Serve forms the next batch while the previous one
 runs, so a short fixed ``batch_wait_timeout_s`` cuts a busy replica's arrivals into many
@@ -81,12 +81,12 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ageray.inference import Prepared
 from ageray.serving import (
     Admission,
     BatchWindow,
     GuardCounts,
     LiveLimits,
-    ModelInput,
     RequestGuard,
     ServedModel,
     ServeError,
@@ -468,9 +468,10 @@ class AgeEstimator:
         token = os.environ.get(self._settings.auth_token_env) or None
         check_auth(request.headers.get("authorization"), token)
 
-    async def _model_input(self, served: ServedModel, data: bytes, name: str) -> ModelInput:
+    async def _model_input(self, served: ServedModel, data: bytes, name: str) -> Prepared:
         limits = self._settings.limits
-        if len(data) >= self._settings.decode_in_thread_bytes or served.aligner is not None:
+        big = len(data) >= self._settings.decode_in_thread_bytes
+        if big or served.predictor.aligner is not None:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
                 self._decode_pool, served.model_input, data, name, limits

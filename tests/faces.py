@@ -58,7 +58,7 @@ def make_routed_model(folder: Path, *, rule: str = "learned", seed: int = 0) -> 
 
     base = make_tiny_model(folder.parent / f"{folder.name}-base", seed=seed)
     model, info = load_model(base)
-    prep = ImagePredictor.load((model, info))
+    prep = ImagePredictor.from_model(model, info)
     records, _ = face_records(64)
     held_out = records[16:]  # the tests use the first faces
     batches = [

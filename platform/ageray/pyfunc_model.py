@@ -30,10 +30,10 @@ import numpy as np
 
 class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from ageray.inference import ImagePredictor
+        from ageray.inference import load_predictor
 
-        self.path = ImagePredictor.load(context.artifacts["model"])
-        self.model, self.info = self.path.model, self.path.info
+        self.predictor = load_predictor(context.artifacts["model"])
+        self.model, self.info = self.predictor.model, self.predictor.info
 
     @staticmethod
     def _images(model_input: Any) -> tuple[list[bytes | None], list[str], list[str | None]]:
@@ -68,11 +68,11 @@ class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
             check_servable(str(rule), "pyfunc params.rule")
         distribution = bool(params.get("distribution", False))
         if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-            outputs = self.path.forward(model_input, rule)
-            rows = self.path.rows(outputs, rule=rule, distribution=distribution)
+            outputs = self.predictor.forward(model_input, rule)
+            rows = self.predictor.rows(outputs, rule=rule, distribution=distribution)
         else:
             images, keys, errors = self._images(model_input)
-            rows = self.path.predict(
+            rows = self.predictor.predict(
                 images, keys=keys, errors=errors, rule=rule, distribution=distribution
             )
         columns = [*ROW_FIELDS, "distribution"] if distribution else list(ROW_FIELDS)

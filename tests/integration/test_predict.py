@@ -31,13 +31,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(path: str) -> list[dict]:
-    from ageray.prediction import read_parquet
+    from ageray.inference.batch import read_parquet
 
     return read_parquet(path).to_pylist()
 
 
 def test_predict_folder_with_corrupt_files(ray_local, model_dir: Path, tmp_path: Path) -> None:
-    from ageray.inference import ImagePredictor
+    from ageray.inference import load_predictor
     from jobs.predict import main
 
     records, _ = face_records(14)
@@ -57,7 +57,7 @@ def test_predict_folder_with_corrupt_files(ray_local, model_dir: Path, tmp_path:
     assert rows["cut.jpg"]["error"].startswith("truncated") and rows["cut.jpg"]["age"] is None
     ok = [k for k, r in rows.items() if r["error"] is None]
     assert len(ok) == 14
-    ref = ImagePredictor.load(model_dir)
+    ref = load_predictor(model_dir)
     want = ref.predict([(folder / k).read_bytes() for k in ok], keys=ok)
     for w in want:
         got = rows[w["key"]]
@@ -132,13 +132,13 @@ def test_export_logged_with_the_registered_model(
     assert model_info(uri)["run_id"] == run_id
 
     # the onnxruntime backend takes the logged export (exporting again would fail here)
-    import ageray.export as export
+    import ageray.inference.export as export
 
     def no_export(*args, **kwargs):
         raise AssertionError("the logged export should have been used")
 
     monkeypatch.setattr(export, "export_model", no_export)
-    from ageray.prediction import load_predictor
+    from ageray.inference import load_predictor
 
     path = load_predictor(uri, backend="onnxruntime")
     records, _ = face_records(3)
@@ -153,14 +153,14 @@ def test_serve_answers_like_the_one_path(ray_local, model_dir: Path) -> None:
     from ray import serve
     from services import free_port
 
-    from ageray.inference import ImagePredictor
+    from ageray.inference import load_predictor
 
     sys.path.insert(0, str(ROOT))
     from serve.app import build_app
 
     records, _ = face_records(6)
     images = [r.image for r in records]
-    want = ImagePredictor.load(model_dir).predict(images, batch_size=1)
+    want = load_predictor(model_dir).predict(images, batch_size=1)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -17,8 +17,8 @@ import pytest
 import torch
 from faces import face_records, make_routed_model
 
-from ageray.export import PORTABLE_OPS, check_ops, export_model, find_export
-from ageray.inference import ImagePredictor, OnnxBackend, TorchBackend
+from ageray.inference import OnnxBackend, TorchBackend, fetch_model_files, load_predictor
+from ageray.inference.export import PORTABLE_OPS, check_ops, export_model
 
 TOL = 1e-4
 
@@ -27,7 +27,7 @@ TOL = 1e-4
 def routed(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("export")
     folder = make_routed_model(root / "model", rule="learned")
-    path = ImagePredictor.load(folder)
+    path = load_predictor(folder)
     records, origin = face_records(9, seed=5)
     x = torch.stack([path.prepare(r.image, r.key).tensor for r in records])
     onnx = export_model(folder, root / "onnx", fmt="onnx", images=x)
@@ -103,11 +103,12 @@ def test_export_records_the_weights_and_is_found_only_for_them(routed, tmp_path:
     assert meta["input"]["image_size"] == 64 and meta["outputs"][0] == "age"
     copy = tmp_path / "model"
     shutil.copytree(routed.folder, copy)
-    assert find_export(copy) is None
+    assert fetch_model_files(copy).onnx() is None
     shutil.copytree(Path(routed.onnx["path"]).parent, copy / "export" / "onnx")
-    assert find_export(copy) == copy / "export" / "onnx" / "model.onnx"
+    graph = (copy / "export" / "onnx" / "model.onnx").read_bytes()
+    assert fetch_model_files(copy).onnx() == graph
     (copy / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
-    assert find_export(copy) is None  # other weights: the export is not theirs
+    assert fetch_model_files(copy).onnx() is None  # other weights: the export is not theirs
 
 
 def test_onnxruntime_backend_answers_like_torch(routed, tmp_path: Path) -> None:
@@ -120,10 +121,8 @@ def test_onnxruntime_backend_answers_like_torch(routed, tmp_path: Path) -> None:
     shutil.copytree(Path(routed.onnx["path"]).parent, model_dir / "export" / "onnx")
     faces, _ = face_records(4, seed=5)
     images = [r.image for r in faces]
-    ref = ImagePredictor.load(model_dir).predict(images)
-    ort = ImagePredictor.load(
-        model_dir, backend="onnxruntime", onnx_path=find_export(model_dir), threads=1
-    )
+    ref = load_predictor(model_dir).predict(images)
+    ort = load_predictor(model_dir, backend="onnxruntime", threads=1)
     for a, b in zip(ort.predict(images), ref):
         assert a["head"] == b["head"] and a["rule"] == b["rule"] == "learned"
         for k in ("age", "age_low", "age_high", "age_vanilla", "kl_balanced"):

@@ -42,15 +42,14 @@ ALLOWED: dict[str, set[str]] = {
     "losses": LOWER | {"model"},  # the losses read the model's Formulation (label space)
     "metrics": LOWER,
     "tracking": LOWER,
-    "inference": LOWER | {"data", "model", "metrics", "losses"},
+    # the one path, its loader (MLflow URIs through tracking), export and batch prediction
+    "inference": LOWER | {"data", "model", "metrics", "losses", "tracking"},
     "evaluation": LOWER
     | {"data", "model", "metrics", "inference", "report", "tracking", "traits", "fairness"},
     "report": LOWER | {"metrics"},
     "traits": LOWER | {"data", "report"},  # gender / race answers: accuracy, confusion
     "fairness": LOWER | {"data", "metrics", "report", "traits"},  # age error per group
     "registry": LOWER | {"tracking"},  # aliases: moves and lookups through the Tracker
-    "export": LOWER | {"model", "inference"},  # the one path's graph, written as ONNX/TorchScript
-    "prediction": LOWER | {"data", "inference", "export", "tracking"},  # jobs.predict's rule
     "promotion": LOWER | {"evaluation", "report", "registry", "tracking"},  # jobs.promote's rule
     "crossval": LOWER | {"metrics", "report"},  # folds' reports -> mean, spread, pooled
 }

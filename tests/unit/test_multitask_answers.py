@@ -70,12 +70,12 @@ def test_pyfunc_and_serve_answer_gender_and_race(multitask: str, tmp_path: Path)
 
 
 def test_age_only_models_answer_without_gender_and_race(tmp_path: Path) -> None:
-    from ageray.inference import ImagePredictor
+    from ageray.inference import load_predictor
 
     cfg = Config()
     cfg.data.image_size = SIZE
     cfg.model = ModelConfig(backbone="test_resnet", head="linear", formulation="ldl")
     folder = save_model(build_model(cfg), tmp_path / "ldl", cfg)
-    rows = ImagePredictor.load(str(folder)).predict(faces(1), keys=["a"])
+    rows = load_predictor(str(folder)).predict(faces(1), keys=["a"])
     assert rows[0]["gender"] is None and rows[0]["race_label"] is None
     assert rows[0]["age"] is not None

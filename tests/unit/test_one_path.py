@@ -19,7 +19,7 @@ import pytest
 import torch
 from faces import face_records, make_routed_model
 
-from ageray.inference import ImagePredictor, quantile_ages, rows_to_table
+from ageray.inference import load_predictor, quantile_ages, rows_to_table
 from ageray.inference.sources import list_items, read_item
 
 N = 12
@@ -49,8 +49,8 @@ def _by_key(
 def test_every_path_answers_identically(world) -> None:
     from ageray.config import Config
     from ageray.evaluation import eval_config, evaluate_model
+    from ageray.inference.batch import BatchWorker
     from ageray.model import load_model
-    from ageray.prediction import BatchPredictor
     from ageray.pyfunc_model import AgeRayPyfunc
     from ageray.serving import Limits, build_prediction, load_served_model
     from ageray.training.context import LocalContext
@@ -61,7 +61,7 @@ def test_every_path_answers_identically(world) -> None:
 
     # 1. batch prediction: the map_batches function on the reader's rows
     batch = pa.table({k: [r[k] for r in world.rows] for k in ("key", "source", "image", "error")})
-    table = BatchPredictor(str(world.model), threads=None)(batch)
+    table = BatchWorker(str(world.model), threads=None)(batch)
     predicted = table.to_pylist()
     assert table.num_rows == N and all(r["error"] is None for r in predicted)
     assert all(r["rule"] == "learned" for r in predicted)
@@ -120,7 +120,7 @@ def test_every_path_answers_identically(world) -> None:
 
 
 def test_unusable_images_are_rows_not_crashes(world) -> None:
-    path = ImagePredictor.load(world.model)
+    path = load_predictor(world.model)
     good = world.rows[0]["image"]
     rows = path.predict(
         [good, b"not an image", good[: len(good) // 3], b"", None, good],
@@ -139,7 +139,7 @@ def test_unusable_images_are_rows_not_crashes(world) -> None:
 
 
 def test_rows_carry_the_routed_distribution_and_interval(world) -> None:
-    path = ImagePredictor.load(world.model)
+    path = load_predictor(world.model)
     rows = path.predict([r["image"] for r in world.rows[:3]], distribution=True)
     for row in rows:
         dist = row["distribution"]
@@ -185,7 +185,7 @@ def test_aligned_model_prepares_like_the_shard_writer(tmp_path: Path) -> None:
     meta = {"align": True, "align_options": {"detector": "haar", "output_size": 112}}
     folder = make_tiny_model(tmp_path / "m", meta=meta)
     face = next(iter(iter_synthetic(num_samples=1, image_size=160))).image
-    path = ImagePredictor.load(folder)
+    path = load_predictor(folder)
     assert path.aligner is not None
     prep = path.prepare(face, "face")
     crop, _ = FaceAligner(detector="haar", output_size=112, on_no_face="keep").align_bytes(face)
@@ -194,5 +194,5 @@ def test_aligned_model_prepares_like_the_shard_writer(tmp_path: Path) -> None:
     assert torch.equal(prep.tensor, want) and set(prep.face) >= {"found", "box"}
     row = path.predict([face])[0]
     assert row["face_found"] is not None
-    plain = ImagePredictor.load(folder, align=False)
+    plain = load_predictor(folder, align=False)
     assert plain.aligner is None and plain.predict([face])[0]["face_found"] is None

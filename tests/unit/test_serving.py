@@ -296,7 +296,9 @@ def test_load_local_folder(served, model_dir: Path) -> None:
 def test_model_input_is_evaluation_preprocessing(served) -> None:
     data = face_jpeg(200, seed=3)
     prep = served.model_input(data, "x", LIMITS)
-    ref = preprocess_for_eval([decode_image(data, target_size=64)], served.data_cfg)[0]
+    ref = preprocess_for_eval(
+        [decode_image(data, target_size=64)], served.predictor.spec.data_config()
+    )[0]
     assert torch.equal(prep.tensor, ref)
     assert prep.face is None and prep.decode_ms > 0
 
@@ -305,7 +307,7 @@ def test_forward_matches_model_predict(served) -> None:
     data = [face_jpeg(96, seed=s) for s in range(5)]
     x = torch.stack([served.model_input(d, "x", LIMITS).tensor for d in data])
     outs = served.forward(x)
-    pred = served.model.predict(x, flip=True, rule="smaller")
+    pred = served.predictor.model.predict(x, flip=True, rule="smaller")
     for i, out in enumerate(outs):
         assert out["age"] == pytest.approx(float(pred.age[i]), abs=1e-6)
         assert out["head"] == ("balanced" if int(pred.head[i]) else "vanilla")
@@ -389,7 +391,7 @@ def test_normalize_null_falls_back_to_default(tmp_path: Path) -> None:
     model = build_model(ModelConfig(), image_size=64)
     save_model(model, tmp_path / "m")  # no cfg: data.normalize is null in model.json
     served = load_served_model(str(tmp_path / "m"), "cpu")
-    assert served.data_cfg.normalize == "imagenet" and served.head_names == ["vanilla"]
+    assert served.predictor.spec.normalize == "imagenet" and served.head_names == ["vanilla"]
     out = served.forward(served.model_input(face_jpeg(), "x", LIMITS).tensor[None])[0]
     assert out["head"] == "vanilla" and out["age_balanced"] is None
     assert set(build_prediction(out, served)["heads"]) == {"vanilla"}
@@ -400,7 +402,7 @@ def test_aligned_model_reports_the_face(tmp_path: Path) -> None:
 
     meta = {"align": True, "align_options": {"detector": "haar", "output_size": 112}}
     served = load_served_model(str(make_tiny_model(tmp_path / "m", meta=meta)), "cpu")
-    assert served.aligner is not None
+    assert served.predictor.aligner is not None
     face = next(iter(iter_synthetic(num_samples=1, image_size=160))).image
     for data in (face, encode(Image.new("RGB", (8, 8), (90, 90, 90)))):
         prep = served.model_input(data, "x", LIMITS)

@@ -114,8 +114,8 @@ def test_batch_prediction_holds_video_rows_and_writes_them_tracked() -> None:
     """What jobs.predict's driver does with answer tables arriving in any order: photo rows
     pass, a video's rows come out at the end tracked, in the Parquet schema."""
     from ageray.inference.answers import arrow_schema, rows_to_table
+    from ageray.inference.batch import carry_video_columns
     from ageray.inference.tracking import VideoTracks
-    from ageray.prediction import carry_video_columns
 
     def face(key: str, f: int | None, x: float, age: float, i: int = 0) -> dict:
         return {"key": key, "source": "clip.mp4" if f is not None else key, "age": age,

@@ -5,21 +5,22 @@ validation all answer with the same steps, so a number a person reads in one of 
 number every other gives for the same image. Before, four copies disagreed (the pyfunc model
 skipped alignment and the JPEG draft decode). The steps, one module each:
 
+* ``loading``    :func:`load_predictor`: ANY model reference (folder, ``s3://``, ``runs:/``,
+                 ``models:/name@alias``) -> the one predictor; the only place models load
+* ``scratch``    the per-process temporary folder downloads and exports live in
 * ``inputs``     bytes -> tensor: alignment as trained, JPEG draft decode, eval preprocessing
-* ``predictor``  :class:`RoutedPredictor`: the routed model as one module with named outputs
+* ``graph``      :class:`RoutedGraph`: the routed model as one module with named outputs
                  (image + flip, both heads, the routing rule with its fitted parameters);
                  the graph ``jobs.export`` writes
+* ``export``     that graph written as ONNX / TorchScript, with op and parity checks
 * ``backends``   :class:`TorchBackend` and :class:`OnnxBackend` run it on a batch
 * ``answers``    named outputs -> answer rows (age, head, both heads' ages and KLs, a 90%
                  interval, distribution on request, gender/race, error), the Parquet schema
-* ``path``       :class:`ImagePredictor`: all of it, bytes in, rows out
+* ``predictor``  :class:`ImagePredictor`: all of it, bytes in, rows out
 * ``sources``    what ``jobs.predict`` reads: image folders, tar archives, shards, s3://
+* ``batch``      ``jobs.predict``'s Ray Data batch function and Parquet writer
 * ``collect``    decoded shard batches -> every head's and rule's predictions (evaluation,
                  validation) and their metrics
-
-``ageray.prediction`` (above this package: it resolves MLflow URIs) holds batch prediction's
-Ray Data batch function and Parquet writer; ``ageray.export`` writes the ONNX / TorchScript
-graph of :class:`RoutedPredictor`.
 """
 
 from .answers import (
@@ -34,20 +35,32 @@ from .answers import (
 )
 from .backends import BACKENDS, OnnxBackend, TorchBackend, autocast
 from .collect import collect_predictions, merge_predictions, predict_split, prediction_metrics
+from .graph import RoutedGraph
 from .inputs import InputSpec, Prepared, make_aligner, prepare_image
-from .path import ImagePredictor, describe_error, make_backend
-from .predictor import RoutedPredictor
+from .loading import (
+    EXPORT_FILES,
+    MODEL_FILES,
+    ModelFiles,
+    fetch_model_files,
+    load_predictor,
+    resolve_backend,
+    with_export,
+)
+from .predictor import ImagePredictor, describe_error
 
 __all__ = [
     "BACKENDS",
+    "EXPORT_FILES",
     "HEADS",
     "INTERVAL_LEVEL",
+    "MODEL_FILES",
     "ROW_FIELDS",
     "ImagePredictor",
     "InputSpec",
+    "ModelFiles",
     "OnnxBackend",
     "Prepared",
-    "RoutedPredictor",
+    "RoutedGraph",
     "TorchBackend",
     "answer_rows",
     "arrow_schema",
@@ -55,12 +68,15 @@ __all__ = [
     "collect_predictions",
     "describe_error",
     "error_row",
+    "fetch_model_files",
+    "load_predictor",
     "make_aligner",
-    "make_backend",
     "merge_predictions",
     "predict_split",
     "prediction_metrics",
     "prepare_image",
     "quantile_ages",
+    "resolve_backend",
     "rows_to_table",
+    "with_export",
 ]

@@ -1,6 +1,6 @@
 """Backends that run the routed model on a batch: PyTorch, or the exported ONNX graph in ONNX
 Runtime. Both take a (B, 3, S, S) float32 batch and return the named outputs of
-:class:`~ageray.inference.predictor.RoutedPredictor` as numpy arrays, so the answer code
+:class:`~ageray.inference.graph.RoutedGraph` as numpy arrays, so the answer code
 after them cannot tell them apart (the export's parity test bounds the difference).
 
 Why ONNX Runtime at all: on CPU its fused graph can beat eager PyTorch on small batches, and
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .predictor import RoutedPredictor
+from .graph import RoutedGraph
 
 __all__ = ["BACKENDS", "OnnxBackend", "TorchBackend", "autocast"]
 
@@ -44,7 +44,7 @@ class TorchBackend:
     """The model in eager PyTorch on ``device`` (default: where its parameters are).
 
     ``rule`` per call overrides the model's own routing rule (the oracle is refused by the
-    callers that serve: ``check_servable``); one :class:`RoutedPredictor` per rule is kept.
+    callers that serve: ``check_servable``); one :class:`RoutedGraph` per rule is kept.
     """
 
     name = "torch"
@@ -61,12 +61,12 @@ class TorchBackend:
         self.flip = flip
         self.device = torch.device(device) if device is not None else _param_device(model)
         self.amp = amp
-        self._predictors: dict[str | None, RoutedPredictor] = {}
+        self._predictors: dict[str | None, RoutedGraph] = {}
         self.rule = self.predictor().rule_name  # the model's own rule
 
-    def predictor(self, rule: str | None = None) -> RoutedPredictor:
+    def predictor(self, rule: str | None = None) -> RoutedGraph:
         if rule not in self._predictors:
-            self._predictors[rule] = RoutedPredictor(self.model, rule=rule, flip=self.flip)
+            self._predictors[rule] = RoutedGraph(self.model, rule=rule, flip=self.flip)
         return self._predictors[rule]
 
     def tensors(self, x: torch.Tensor, rule: str | None = None) -> dict[str, torch.Tensor]:
@@ -91,7 +91,8 @@ def _param_device(model: nn.Module) -> torch.device:
 
 
 class OnnxBackend:
-    """An exported ``model.onnx`` in ONNX Runtime (CPU unless ``providers`` say otherwise).
+    """An exported ``model.onnx`` (a path, or its bytes) in ONNX Runtime (CPU unless
+    ``providers`` say otherwise).
 
     The routing rule is part of the graph (recorded in its metadata as ``ageray.rule``), so a
     different rule per call is refused with a message, not silently ignored.
@@ -101,7 +102,7 @@ class OnnxBackend:
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | bytes,
         *,
         threads: int | None = None,
         providers: list[str] | None = None,
@@ -116,9 +117,13 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.path = str(path)
+        # bytes: the session is built from memory and no file is left behind (a swap-heavy
+        # replica used to keep a ~90 MB copy per load in the temp folder)
+        self.path = None if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(
-            self.path, opts, providers=providers or ["CPUExecutionProvider"]
+            model if isinstance(model, bytes) else self.path,
+            opts,
+            providers=providers or ["CPUExecutionProvider"],
         )
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]

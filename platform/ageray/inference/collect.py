@@ -42,7 +42,7 @@ def collect_predictions(
     ``key``) with ``model`` (unwrapped, not DDP) in eval mode; its mode is restored after.
 
     The forward is the one every serving path runs (:class:`~.backends.TorchBackend`, i.e.
-    :class:`~.predictor.RoutedPredictor`: image + flip, both heads, the model's rule), so
+    :class:`~.predictor.RoutedGraph`: image + flip, both heads, the model's rule), so
     the validation MAE that picks a checkpoint and the evaluation's numbers are the answers
     Serve, the pyfunc model and ``jobs.predict`` give for the same decoded images.
 

@@ -1,106 +1,180 @@
-"""The routed model as one module with named tensor outputs: what every backend runs.
+"""The one inference path: image bytes -> answer rows.
 
-Why a module of its own: Serve, batch prediction, the pyfunc model, evaluation and training's
-validation all need the same numbers from a batch of images (GLAE's protocol: the images and
-their flips in one pass, both heads, the model's routing rule with its fitted parameters), and
-the ONNX / TorchScript exports must compute exactly those numbers without Python. So the
-forward of :class:`RoutedPredictor` *is* the graph that is exported, and its outputs have fixed
-names; a backend (torch here, ONNX Runtime in :mod:`.backends`) returns them as a dict, and
-everything after (answers, intervals, rows) is computed from that dict by the same code.
+    predictor = load_predictor("runs/demo/stage2/model")      # or models:/ageray@prod
+    rows = predictor.predict([jpeg_bytes, ...], keys=["a.jpg", ...], distribution=False)
 
-Outputs (``output_names``; tensors of batch size B):
+Steps (each a function of its own module, so the callers that start in the middle share
+everything after): :func:`~ageray.inference.inputs.prepare_image` (alignment as trained,
+JPEG draft decode, eval preprocessing) -> a backend's forward
+(:class:`~ageray.inference.backends.TorchBackend` or ``OnnxBackend``: image + flip, both
+heads, the model's routing rule) -> :func:`~ageray.inference.answers.answer_rows`.
 
-=================  =========  ==========================================================
-name               shape      what
-=================  =========  ==========================================================
-``age``            (B,)       the routed answer (years)
-``head``           (B,)       int64: 0 = vanilla answered, 1 = balanced (weight >= 0.5)
-``weight``         (B,)       the balanced head's weight (0/1 for hard rules; 0 unrouted)
-``probs``          (B, K)     the routed, flip-averaged age distribution (distributions)
-``age_<head>``     (B,)       each head's flip-averaged answer
-``kl_<head>``      (B,)       each head's KL(p || p_flip) (with flip, distributions)
-``features``       (B, 9)     routing features (two routed heads): evaluation scores every
-                              other rule from them without another forward pass
-``gender``         (B, G)     flip-averaged gender probabilities (multi-task models)
-``race``           (B, R)     flip-averaged race probabilities (multi-task models)
-``group``          (B, N)     flip-averaged race-gender group probabilities (hybrid net)
-=================  =========  ==========================================================
+Who calls what: Serve checks the header first and passes its own decoder, batches the
+prepared tensors across requests, then calls :meth:`ImagePredictor.forward` and
+:meth:`ImagePredictor.rows`; the pyfunc model and ``jobs.predict`` call
+:meth:`ImagePredictor.predict`; evaluation and training's validation start from decoded
+tensors of the shard stream (the same decoder and transform) and call the backend
+(``collect_predictions``). Images that cannot be used become error rows, never exceptions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 
-__all__ = ["RoutedPredictor"]
+from .answers import answer_rows, error_row
+from .inputs import InputSpec, Prepared, make_aligner, prepare_image
+
+__all__ = ["ImagePredictor"]
 
 
-class RoutedPredictor(nn.Module):
-    """``forward(images) -> tuple`` of tensors in ``output_names`` order (a tuple, not a dict,
-    so ``torch.onnx.export`` / ``torch.jit.trace`` name them one to one).
+@dataclass
+class ImagePredictor:
+    """A loaded model (``backend``), how its inputs are made (``spec``, ``aligner``) and its
+    ``model.json`` (``info``). Load one with :func:`ageray.inference.load_predictor`."""
 
-    ``rule``: a routing rule name or module (default: the model's own ``routing_rule``, a
-    fitted one included); the module is held here, so its fitted parameters are part of an
-    exported graph. The wrapped model is put in eval mode (inference only).
-    """
+    backend: Any  # TorchBackend | OnnxBackend
+    spec: InputSpec
+    info: dict[str, Any] = field(default_factory=dict)
+    aligner: Any | None = None
+    model: Any | None = None  # the AgeModel (torch backend; None when ONNX Runtime answers)
+    source: str = ""  # where it was loaded from (a folder, s3:// or MLflow URI)
+    registry: dict[str, Any] = field(default_factory=dict)  # name, version, alias, run id
 
-    def __init__(self, model: nn.Module, *, rule: Any = None, flip: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.flip = bool(flip)
-        self.rule = model.routing_module(rule)  # type: ignore[operator]
-        self.rule_name = self.rule.name
-        self.head_names = list(model.heads.keys())  # type: ignore[union-attr]
-        self.output_names = self._names()
-        self.eval()
+    def __post_init__(self) -> None:
+        self._data_cfg = self.spec.data_config()
 
-    def _names(self) -> list[str]:
-        form = self.model.formulation  # type: ignore[union-attr]
-        dist = bool(form.is_distribution)
-        routed = self.flip and dist and "balanced" in self.head_names
-        names = ["age", "head", "weight"]
-        if dist:
-            names.append("probs")
-        for h in self.head_names:
-            names.append(f"age_{h}")
-            if self.flip and dist:
-                names.append(f"kl_{h}")
-        if routed:
-            names.append("features")
-        if getattr(self.model.cfg, "multitask", "none") != "none":  # type: ignore[union-attr]
-            names += ["gender", "race"]
-        if getattr(self.model.cfg, "multitask", "none") == "hybrid":  # type: ignore[union-attr]
-            names.append("group")
-        return names
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        info: dict[str, Any],
+        *,
+        align: bool | str = "auto",
+        flip: bool = True,
+        device: str | None = None,
+    ) -> ImagePredictor:
+        """The path around a model already in memory (training's validation, tests). Loading
+        one from a folder, ``s3://`` or MLflow URI is :func:`ageray.inference.load_predictor`."""
+        from .backends import TorchBackend
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pred = self.model._predict(  # type: ignore[operator]
-            images, self.head_names, flip=self.flip, rule=self.rule
+        model.eval()
+        spec = InputSpec.from_info(info)
+        return cls(
+            backend=TorchBackend(model, flip=flip, device=device),
+            spec=spec,
+            info=dict(info),
+            aligner=make_aligner(spec, align),
+            model=model,
         )
-        b = images.shape[0]
-        weight = pred.weight
-        if weight is None:
-            weight = pred.head.to(torch.float32)
-        out: dict[str, torch.Tensor | None] = {
-            "age": pred.age,
-            "head": pred.head,
-            "weight": weight,
-            "probs": pred.probs,
-            "features": pred.features,
-            "gender": pred.gender,
-            "race": pred.race,
-            "group": pred.group,
-        }
-        for h, res in pred.heads.items():
-            out[f"age_{h}"] = res["age"]
-            out[f"kl_{h}"] = res.get("kl")
-        missing = [n for n in self.output_names if out.get(n) is None]
-        if missing:
-            raise RuntimeError(f"RoutedPredictor: outputs {missing} missing for batch of {b}")
-        return tuple(out[n] for n in self.output_names)  # type: ignore[misc]
 
-    def named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``forward`` as a dict keyed by ``output_names``."""
-        return dict(zip(self.output_names, self.forward(images)))
+    # ------------------------------------------------------------------ steps
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def rule(self) -> str:
+        """The routing rule this path answers with by default."""
+        return self.backend.rule
+
+    def prepare(
+        self,
+        data: bytes,
+        name: str = "image",
+        *,
+        decode: Callable[[bytes, str, int], Any] | None = None,
+    ) -> Prepared:
+        """Step 1: bytes -> (3, S, S) tensor (+ face). Raises on unusable bytes."""
+        return prepare_image(
+            data,
+            self.spec,
+            name=name,
+            aligner=self.aligner,
+            decode=decode,
+            data_cfg=self._data_cfg,
+        )
+
+    def forward(self, x: Any, rule: str | None = None) -> dict[str, np.ndarray]:
+        """Step 2: a (B, 3, S, S) batch -> named outputs (numpy)."""
+        return self.backend(x, rule)
+
+    def rows(
+        self,
+        outputs: dict[str, np.ndarray],
+        *,
+        rule: str | None = None,
+        keys: Sequence[str] | None = None,
+        sources: Sequence[str | None] | None = None,
+        faces: Sequence[dict[str, Any] | None] | None = None,
+        distribution: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Step 3: named outputs -> answer rows (``ageray.inference.answers``)."""
+        return answer_rows(
+            outputs,
+            rule=self.backend.rule_name(rule),
+            keys=keys,
+            sources=sources,
+            faces=faces,
+            distribution=distribution,
+        )
+
+    # ------------------------------------------------------------------ all of it
+    def predict(
+        self,
+        images: Sequence[bytes | None],
+        *,
+        keys: Sequence[str] | None = None,
+        sources: Sequence[str | None] | None = None,
+        errors: Sequence[str | None] | None = None,
+        rule: str | None = None,
+        distribution: bool = False,
+        batch_size: int = 64,
+    ) -> list[dict[str, Any]]:
+        """Bytes -> one row per image, in order. An image that cannot be decoded (or whose
+        ``errors`` entry is already set, e.g. an unreadable file) becomes an error row."""
+        import torch
+
+        n = len(images)
+        keys = list(keys) if keys is not None else [f"image-{i}" for i in range(n)]
+        srcs = list(sources) if sources is not None else [None] * n
+        out: list[dict[str, Any] | None] = [None] * n
+        good: list[int] = []
+        prepared: dict[int, Prepared] = {}
+        for i, data in enumerate(images):
+            err = errors[i] if errors is not None else None
+            if err is None and not data:
+                err = "empty: no image data"
+            if err is None:
+                try:
+                    prepared[i] = self.prepare(bytes(data), keys[i])  # type: ignore[arg-type]
+                    good.append(i)
+                    continue
+                except Exception as exc:  # any unusable image is a row, never a crash
+                    err = describe_error(exc)
+            out[i] = error_row(keys[i], err, source=srcs[i])
+        for start in range(0, len(good), max(1, int(batch_size))):
+            idx = good[start : start + batch_size]
+            x = torch.stack([prepared[i].tensor for i in idx])
+            outputs = self.forward(x, rule)
+            rows = self.rows(
+                outputs,
+                rule=rule,
+                keys=[keys[i] for i in idx],
+                sources=[srcs[i] for i in idx],
+                faces=[prepared[i].face for i in idx],
+                distribution=distribution,
+            )
+            for i, row in zip(idx, rows):
+                out[i] = row
+        return out  # type: ignore[return-value]
+
+
+def describe_error(exc: BaseException) -> str:
+    """``reason: message`` for the error column (the streams' skip reasons for decoding)."""
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    return f"{reason}: {exc}"

@@ -35,7 +35,7 @@ from ageray.config import RETIRED_KEYS, Config, ModelConfig, to_dict
 
 from .age_model import AgeModel, build_model
 
-__all__ = ["FORMAT", "load_model", "read_model_info", "save_model"]
+__all__ = ["FORMAT", "load_model", "model_from_state", "read_model_info", "save_model"]
 
 FORMAT = "ageray-model/1"
 WEIGHTS = "model.safetensors"
@@ -150,6 +150,35 @@ def _model_config(data: dict[str, Any], source: Path) -> ModelConfig:
     return dataclasses.replace(ModelConfig(**data), pretrained=None)
 
 
+def model_from_state(
+    info: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    *,
+    map_location: str | torch.device = "cpu",
+    source: str | Path = "model",
+) -> AgeModel:
+    """Rebuild the model that ``info`` (a parsed ``model.json``) describes and load
+    ``state`` into it strictly; eval mode, on ``map_location``. The shared half of
+    :func:`load_model` and :func:`ageray.inference.load_predictor` (which holds the files as
+    bytes)."""
+    mc = _model_config(info.get("model") or {}, Path(str(source)) / INFO)
+    size = info.get("input_size") or (info.get("data") or {}).get("image_size")
+    model = build_model(mc, image_size=int(size) if size else None)
+    heads = info.get("heads") or ["vanilla"]
+    if "balanced" in heads:
+        model.add_balanced_head(freeze=False)
+    model.restore_routing(info.get("routing"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{source}: the weights do not match the architecture in {INFO}: {exc}"
+        ) from exc
+    model.to(map_location)
+    model.eval()
+    return model
+
+
 def load_model(
     folder: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[AgeModel, dict[str, Any]]:
@@ -164,21 +193,7 @@ def load_model(
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{str(folder)!r}: {WEIGHTS} is missing next to {INFO}")
-    mc = _model_config(info.get("model") or {}, folder / INFO)
-    size = info.get("input_size") or (info.get("data") or {}).get("image_size")
-    model = build_model(mc, image_size=int(size) if size else None)
-    heads = info.get("heads") or ["vanilla"]
-    if "balanced" in heads:
-        model.add_balanced_head(freeze=False)
-    model.restore_routing(info.get("routing"))
     device = str(map_location) if isinstance(map_location, torch.device) else map_location
     state = load_file(str(weights), device=device)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"{weights}: the weights do not match the architecture in {INFO}: {exc}"
-        ) from exc
-    model.to(map_location)
-    model.eval()
+    model = model_from_state(info, state, map_location=map_location, source=weights)
     return model, info

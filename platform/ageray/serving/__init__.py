@@ -36,7 +36,6 @@ from ageray.serving.guard import (
 )
 from ageray.serving.images import check_image_header, decode_checked
 from ageray.serving.model import (
-    ModelInput,
     ServedModel,
     batch_buckets,
     build_prediction,
@@ -62,7 +61,6 @@ __all__ = [
     "ImagePayload",
     "Limits",
     "LiveLimits",
-    "ModelInput",
     "ParsedRequest",
     "RequestGuard",
     "ServeError",

@@ -1,7 +1,7 @@
 """Export the whole routed model as one graph: ONNX (for ONNX Runtime, TensorRT, OpenVINO)
 or TorchScript.
 
-What is exported is :class:`ageray.inference.RoutedPredictor`: the images and their flips in
+What is exported is :class:`ageray.inference.RoutedGraph`: the images and their flips in
 one batch, the backbone once, both heads, the routing features and the model's routing rule
 with its fitted parameters (a threshold's tau, a learned router's weights), the mixed
 distribution and its answer. The batch axis is dynamic; the outputs carry the predictor's
@@ -41,17 +41,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ageray.inference import InputSpec, OnnxBackend, RoutedPredictor
+from ageray.inference import InputSpec, OnnxBackend, RoutedGraph
 
 __all__ = [
     "FORMATS",
     "PORTABLE_OPS",
     "check_ops",
-    "ensure_onnx",
     "export_model",
     "export_onnx",
     "export_torchscript",
-    "find_export",
     "onnx_op_types",
     "parity",
 ]
@@ -126,7 +124,7 @@ def _spec(model: nn.Module, info: Mapping[str, Any] | None) -> InputSpec:
 
 def _export_info(
     fmt: str,
-    predictor: RoutedPredictor,
+    predictor: RoutedGraph,
     spec: InputSpec,
     info: Mapping[str, Any] | None,
     weights_sha256: str | None,
@@ -204,7 +202,8 @@ def check_ops(path: str | Path) -> list[str]:
     if bad:
         raise ValueError(
             f"{path}: operators {bad} are not accepted by both TensorRT and OpenVINO; "
-            "rewrite the module that emits them with portable ops (ageray.export.PORTABLE_OPS)"
+            "rewrite the module that emits them with portable ops "
+            "(ageray.inference.export.PORTABLE_OPS)"
         )
     doubles = _double_tensors(path)
     if doubles:
@@ -240,7 +239,7 @@ def export_onnx(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = _spec(model, info)
-    predictor = RoutedPredictor(model, rule=rule).cpu()
+    predictor = RoutedGraph(model, rule=rule).cpu()
     path = folder / FILES["onnx"]
     example = _sample(spec, 2)
     t0 = time.perf_counter()
@@ -303,7 +302,7 @@ def export_torchscript(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = _spec(model, info)
-    predictor = RoutedPredictor(model, rule=rule).cpu()
+    predictor = RoutedGraph(model, rule=rule).cpu()
     path = folder / FILES["torchscript"]
     example = _sample(spec, 3)
     t0 = time.perf_counter()
@@ -347,7 +346,7 @@ def export_model(
 
 
 def parity(
-    predictor: RoutedPredictor,
+    predictor: RoutedGraph,
     backend: Any,
     images: torch.Tensor,
     *,
@@ -388,35 +387,3 @@ def parity(
 
 def _public(info: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k != "path"}
-
-
-def find_export(model_dir: str | Path, fmt: str = "onnx") -> Path | None:
-    """The export of exactly these weights inside a model folder (``export/<fmt>/``, where
-    ``jobs.export`` logs it in the registry), or None: an export whose recorded
-    ``weights_sha256`` differs from ``model.safetensors`` is ignored."""
-    folder = Path(model_dir)
-    where = folder / "export" / fmt
-    path, meta = where / FILES[fmt], where / EXPORT_INFO
-    if not (path.is_file() and meta.is_file() and (folder / "model.safetensors").is_file()):
-        return None
-    recorded = json.loads(meta.read_text()).get("weights_sha256")
-    if recorded != _sha256(folder / "model.safetensors"):
-        return None
-    return path
-
-
-def ensure_onnx(model_dir: str | Path, dst: str | Path | None = None) -> Path:
-    """An ONNX file for the model in ``model_dir``: the export logged with it
-    (:func:`find_export`) copied to ``dst`` (the folder may be a download about to be
-    removed), or a fresh, checked export there. ``dst`` defaults to a temporary folder."""
-    import shutil
-    import tempfile
-
-    out = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="ageray-onnx-"))
-    out.mkdir(parents=True, exist_ok=True)
-    found = find_export(model_dir, "onnx")
-    if found is not None:
-        shutil.copy2(found, out / found.name)
-        shutil.copy2(found.parent / EXPORT_INFO, out / EXPORT_INFO)
-        return out / found.name
-    return Path(export_model(model_dir, out, fmt="onnx")["path"])

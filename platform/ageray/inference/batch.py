@@ -3,7 +3,7 @@ Data's actor pool runs, the Parquet writer, and the summary.
 
 ``jobs.predict`` wires them: work items (:func:`ageray.inference.sources.list_items`) ->
 ``flat_map(read_item)`` (read tasks: bytes through the storage layer) ->
-``map_batches(BatchPredictor, concurrency=actors)`` (each actor loads the model once and runs
+``map_batches(BatchWorker, concurrency=actors)`` (each actor loads the model once and runs
 the one inference path, :class:`ageray.inference.ImagePredictor`, on every batch) -> the
 driver streams the answer tables into one Parquet file (local, or ``s3://`` through
 :func:`ageray.data.storage.atomic_write`).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -27,65 +26,17 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "BatchPredictor",
+    "BatchWorker",
     "ParquetSink",
     "PredictSummary",
     "carry_video_columns",
     "cpu_count",
     "describe_items",
-    "load_predictor",
     "read_parquet",
 ]
 
 
-def load_predictor(
-    model: str | Mapping[str, bytes],
-    *,
-    device: str = "cpu",
-    backend: str = "torch",
-    align: bool | str = "auto",
-    threads: int | None = None,
-) -> Any:
-    """An :class:`ImagePredictor` for a model folder, an MLflow URI (downloaded to a
-    temporary folder that is removed once loaded) or the model's files as bytes (``{relative
-    path: bytes}``, how ``jobs.predict`` ships a model to actors on any node).
-    ``backend="onnxruntime"`` uses the export that came with the model when it matches
-    these weights, else exports now."""
-    import shutil
-
-    from ageray.inference import ImagePredictor
-    from ageray.tracking import resolve_model_dir
-
-    files = model if isinstance(model, Mapping) else None
-    remote = files is None and ":/" in str(model)
-    tmp = tempfile.mkdtemp(prefix="ageray-predict-") if files is not None or remote else None
-    try:
-        if files is not None:
-            folder = Path(tmp)  # type: ignore[arg-type]
-            for rel, data in files.items():
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                (folder / rel).write_bytes(data)
-        else:
-            folder = resolve_model_dir(str(model), dst=tmp)
-        onnx_path = None
-        if backend == "onnxruntime":
-            from ageray.export import ensure_onnx
-
-            onnx_path = ensure_onnx(folder)
-        return ImagePredictor.load(
-            folder,
-            device=device,
-            backend=backend,
-            onnx_path=onnx_path,
-            align=align,
-            threads=threads,
-        )
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-class BatchPredictor:
+class BatchWorker:
     """The callable class of ``map_batches``: loads the model once per actor, then turns
     each batch (a ``pyarrow.Table`` with ``key``, ``source``, ``image``, ``error``) into a
     table of answer rows (``ageray.inference.answers.arrow_schema``). An image that cannot
@@ -114,7 +65,9 @@ class BatchPredictor:
             import ray
 
             model = ray.get(model)
-        self.path = load_predictor(
+        from ageray.inference import load_predictor
+
+        self.predictor = load_predictor(
             model, device=device, backend=backend, align=align, threads=threads
         )
         self.distribution = distribution
@@ -124,7 +77,7 @@ class BatchPredictor:
         from ageray.inference import rows_to_table
 
         cols = batch.to_pydict() if hasattr(batch, "to_pydict") else dict(batch)
-        rows = self.path.predict(
+        rows = self.predictor.predict(
             cols["image"],
             keys=[str(k) for k in cols["key"]],
             sources=list(cols["source"]),
