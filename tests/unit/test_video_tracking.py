@@ -147,3 +147,12 @@ def test_batch_prediction_holds_video_rows_and_writes_them_tracked() -> None:
     )
     assert [r.get("frame_index") for r in rows] == [3, 3, None]
     assert [r.get("timestamp_s") for r in rows] == [0.3, 0.3, None]
+
+
+def test_a_batch_splits_into_photos_and_frames() -> None:
+    from ageray.inference.batch import split_frames
+
+    cols = {"key": ["a", "v#frame=0", "b", "v#frame=5"], "frame_index": [None, 0, None, 5]}
+    assert split_frames(cols) == [([0, 2], False), ([1, 3], True)]
+    assert split_frames({"key": ["a", "b"]}) == [([0, 1], False)]
+    assert split_frames({"key": ["v#frame=0"], "frame_index": [0]}) == [([0], True)]

@@ -77,17 +77,32 @@ class BatchWorker:
         from ageray.inference import rows_to_table
 
         cols = batch.to_pydict() if hasattr(batch, "to_pydict") else dict(batch)
-        rows = self.predictor.predict(
-            cols["image"],
-            keys=[str(k) for k in cols["key"]],
-            sources=list(cols["source"]),
-            errors=list(cols["error"]),
-            rule=self.rule,
-            distribution=self.distribution,
-            batch_size=max(1, len(cols["key"])),
-        )
+        rows: list[dict[str, Any]] = []
+        for idx, frames in split_frames(cols):
+            # a video's frames always answer every face: the tracker follows them all
+            mode = {"faces": "all"} if frames else {}
+            rows += self.predictor.predict(
+                [cols["image"][i] for i in idx],
+                keys=[str(cols["key"][i]) for i in idx],
+                sources=[cols["source"][i] for i in idx],
+                errors=[cols["error"][i] for i in idx],
+                rule=self.rule,
+                distribution=self.distribution,
+                batch_size=max(1, len(idx)),
+                **mode,
+            )
         carry_video_columns(cols, rows)
         return rows_to_table(rows, distribution=self.distribution)
+
+
+def split_frames(cols: Mapping[str, Any]) -> list[tuple[list[int], bool]]:
+    """A read batch's rows as (indices, are video frames): photos first, then frames (rows
+    with a ``frame_index``); groups that would be empty are left out."""
+    n = len(cols["key"])
+    marks = cols.get("frame_index") or [None] * n
+    photos = [i for i in range(n) if marks[i] is None]
+    frames = [i for i in range(n) if marks[i] is not None]
+    return [(idx, flag) for idx, flag in ((photos, False), (frames, True)) if idx]
 
 
 def carry_video_columns(cols: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
