@@ -341,12 +341,14 @@ def image_json(
     distribution: bool = False,
 ) -> dict[str, Any]:
     """One photo's answer in ``faces=all``: ``{"faces": [face_json...], "reason", "image":
-    {"width", "height"}}``; when ``faces`` is empty ``reason`` is ``no face found: <why>``
-    (``reason`` given here: the detector's limits, or the image's quality note)."""
+    {"width", "height"}}``; when ``faces`` is empty ``reason`` says why: ``reason`` as
+    given when it names the detector's limits (``no face with score >= S and size >= M px
+    found``), else ``no face found: <reason>`` (the image's quality note)."""
     faces = [face_json(r, distribution=distribution) for r in rows if r.get("error") is None]
     why = None
     if not faces:
-        why = f"no face found: {reason}" if reason else "no face found"
+        reason = reason or "no face found"
+        why = reason if reason.startswith("no face") else f"no face found: {reason}"
     return {
         "faces": faces,
         "reason": why,

@@ -66,6 +66,8 @@ CHIP_SIZE = 200
 #: Smallest face searched in ``faces=all``, as a fraction of the padded image's shorter
 #: side (FaceAligner's ``min_face_frac``; its 0.1 default suits one main face per image).
 GROUP_MIN_FACE_FRAC = 0.04
+#: The face dict of ``faces=largest`` (what single-image answers have always reported).
+LARGEST_FACE_KEYS = ("found", "box", "score", "detector")
 #: An image whose shorter side is below this cannot hold a face that can be read.
 MIN_READABLE_PX = 16
 
@@ -236,7 +238,9 @@ def prepare_image(
         if crop is None:  # cannot happen with on_no_face="keep" (make_aligner forces it)
             raise ValueError(f"no face was found in image {name!r}")
         data = crop
-        face = face_fields(res)
+        # faces=largest keeps the face it always reported (no index or landmarks: that is
+        # the faces=all answer's)
+        face = {k: v for k, v in face_fields(res).items() if k in LARGEST_FACE_KEYS}
     img = decode(data, name, spec.image_size)
     x = preprocess_for_eval([img], data_cfg if data_cfg is not None else spec.data_config())[0]
     quality = quality_note(*img.size, spec) if aligner is None else None
@@ -290,7 +294,9 @@ def prepare_faces(
         faces.append(Prepared(preprocess_for_eval([img], cfg)[0], face_fields(res), 0.0))
     reason = None
     if not faces:
-        reason = f"no face with score >= {fa.min_score:g} and size >= {fa.min_face_px:g} px"
+        reason = (
+            f"no face with score >= {fa.min_score:g} and size >= {fa.min_face_px:g} px found"
+        )
     ms = _ms(t0)
     for f in faces:
         f.decode_ms = ms / len(faces)

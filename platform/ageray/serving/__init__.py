@@ -38,6 +38,8 @@ from ageray.serving.images import check_image_header, decode_checked
 from ageray.serving.model import (
     ServedModel,
     batch_buckets,
+    build_answers,
+    build_faces_answer,
     build_prediction,
     load_served_model,
     warmup,
@@ -67,6 +69,8 @@ __all__ = [
     "ServeSettings",
     "ServedModel",
     "batch_buckets",
+    "build_answers",
+    "build_faces_answer",
     "build_prediction",
     "check_auth",
     "check_headers",
