@@ -90,11 +90,12 @@ def _write(ds: Any, args: Any, *, total: int | None) -> Any:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if bar is not None:
                 bar.update(tracks.images_in(table))
+            sink.summary.add(table)  # counted as it arrives (rates), written below
             photos = tracks.split(table)
             if photos.num_rows:
-                sink.write(photos)
+                sink.write(photos, count=False)
         for table in tracks.tables(distribution=args.distribution):
-            sink.write(table)
+            sink.write(table, count=False)
     if bar is not None:
         bar.close()
     return sink

@@ -196,10 +196,13 @@ class ParquetSink:
         self._writer = self._stack.enter_context(pq.ParquetWriter(fh, self.schema))
         return self
 
-    def write(self, table: Any) -> None:
+    def write(self, table: Any, *, count: bool = True) -> None:
+        """Append ``table``; ``count=False`` for rows already counted when they arrived
+        (a video's rows, held for tracking: the summary's rates are of arrival)."""
         table = table.cast(self.schema) if table.schema != self.schema else table
         self._writer.write_table(table)
-        self.summary.add(table)
+        if count:
+            self.summary.add(table)
 
     def write_all(self, tables: Iterable[Any]) -> PredictSummary:
         for table in tables:
