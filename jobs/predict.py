@@ -16,8 +16,15 @@ and runs the model in an actor pool (``--actors``, ``--batch-size``; ``--device 
 GPU under each actor). The driver writes one Parquet file (local or s3://), visible only when
 complete. Columns (``ageray.inference.answers``): key, source, age, age_low, age_high (90%
 interval), head, weight_balanced, rule, age_vanilla, kl_vanilla, age_balanced, kl_balanced,
-gender, gender_probs, race, race_probs, face_found, face_box, [distribution], error. A file
-that is not a usable image is a row with ``error`` set, never a crash.
+gender, gender_probs, race, race_probs, face_found, face_box, face_index, face_landmarks,
+face_score, quality, [distribution], error. A file that is not a usable image is a row with
+``error`` set, never a crash.
+
+Faces (``--faces``): ``all`` writes a row per detected face of each photo (its
+``face_index``, largest first, its box and landmarks in the photo's pixels) and one
+``no_face`` row for a photo without a face; ``largest`` a row per file, as the single-image
+path always did. ``auto`` (the default) is ``all`` for image files and tar archives (photos)
+and ``largest`` for shards (a dataset's faces, read as evaluation reads them).
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ def parse(argv: list[str] | None = None):
     )
     p.add_argument("--rule", help="routing rule (default: the model's own)")
     p.add_argument("--distribution", action="store_true", help="add the age distribution")
+    p.add_argument(
+        "--faces",
+        default="auto",
+        choices=["auto", "all", "largest"],
+        help="all: a row per face; largest: a row per file; auto: all, largest for shards",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -83,7 +96,7 @@ def run(args: Any, cfg: Any) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    from ageray.inference.batch import BatchWorker, ParquetSink, describe_items
+    from ageray.inference.batch import BatchWorker, ParquetSink, describe_items, face_mode
     from ageray.inference.sources import list_items, read_item
     from ageray.tracking import Tracker
     from ageray.training.driver import init_ray
@@ -108,10 +121,11 @@ def run(args: Any, cfg: Any) -> Any:
     if gpu and not args.actors:
         actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
     total = sum(len(i["urls"]) for i in items) if all(i["kind"] == "files" for i in items) else 0
+    faces = face_mode(args.faces, items)
     print(
         f"[ageray] predicting {describe_items(items)} from {args.input} with {args.model} "
         f"({args.backend}, {actors} actor(s) x {cpus:g} CPU{', 1 GPU' if gpu else ''}, "
-        f"batch {args.batch_size})",
+        f"batch {args.batch_size}, faces {faces})",
         flush=True,
     )
     align = {"auto": "auto", "on": True, "off": False}[args.align]
@@ -129,6 +143,7 @@ def run(args: Any, cfg: Any) -> Any:
                 "distribution": args.distribution,
                 "threads": max(1, round(cpus)),
                 "rule": args.rule,
+                "faces": faces,
             },
             batch_size=args.batch_size,
             batch_format="pyarrow",
@@ -145,20 +160,23 @@ def run(args: Any, cfg: Any) -> Any:
     with ParquetSink(args.output, distribution=args.distribution) as sink:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             sink.write(table)
-            if bar is not None:
-                bar.update(table.num_rows)
+            if bar is not None:  # files done (a photo's faces are rows of one file)
+                bar.update(len(set(table.column("key").to_pylist())))
     if bar is not None:
         bar.close()
-    summary = sink.summary
+    _report(sink.summary, args.output, timer)
+    return sink.summary
+
+
+def _report(summary: Any, output: str, timer: Any) -> None:
     total, steady = summary.throughput()
     print(f"[ageray] {summary.line()}")
     for example in summary.examples:
         print(f"  e.g. {example}")
     print(
-        f"[ageray] wrote {args.output} in {timer}: {total:.1f} images/s overall, "
+        f"[ageray] wrote {output} in {timer}: {total:.1f} images/s overall, "
         f"{steady:.1f} images/s from the first answers on"
     )
-    return summary
 
 
 if __name__ == "__main__":

@@ -177,3 +177,44 @@ def test_job_form_is_told_apart() -> None:
     assert is_job_form(["--output=x.parquet", "--input=d"])
     assert not is_job_form(["photo.jpg", "--model", "m", "--json"])
     assert {"promote", "crossval"} <= set(VERBS)
+
+
+@pytest.mark.realdata
+def test_pyfunc_and_batch_worker_answer_per_face(model_dir: Path, family: dict) -> None:
+    """The pyfunc model (params faces=all) and jobs.predict's map_batches worker give the
+    path's per-face rows; faces=largest (the pyfunc's default) a row per image."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from ageray.inference.batch import BatchWorker
+    from ageray.pyfunc_model import AgeRayPyfunc
+
+    images = [family["photo"], wall_photo(), *family["chips"]]
+    keys = ["family", "wall", "child", "adult", "elderly"]
+    want = load_predictor(model_dir).predict(images, keys=keys, faces="all")
+    assert [r["key"] for r in want] == ["family"] * 3 + keys[1:]
+    py = AgeRayPyfunc()
+    py.load_context(SimpleNamespace(artifacts={"model": str(model_dir)}))
+    frame = py.predict(None, pd.DataFrame({"key": keys, "image": images}), params={"faces": "all"})
+    got = frame.to_dict("records")
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["key"], g["face_index"], g["error"]) == (w["key"], w["face_index"], w["error"])
+        assert g["age"] == w["age"] or (g["error"] and w["error"])
+    faces = match(got[:3], family["boxes"])
+    for face, chip in zip(faces, got[4:]):
+        assert abs(face["age"] - chip["age"]) <= AGE_TOL
+    assert len(py.predict(None, pd.DataFrame({"image": images}))) == 5  # largest: per image
+    with pytest.raises(ValueError, match="faces"):
+        py.predict(None, pd.DataFrame({"image": images[:1]}), params={"faces": "every"})
+    batch = pa.table({"key": keys, "source": keys, "image": images, "error": [None] * 5})
+    table = BatchWorker(str(model_dir), threads=None, faces="all")(batch).to_pylist()
+    assert [(r["key"], r["face_index"]) for r in table] == [
+        (r["key"], r["face_index"]) for r in want
+    ]
+    assert all(t["age"] == w["age"] for t, w in zip(table, want) if w["error"] is None)
+    assert table[3]["error"].startswith("no_face:") and table[3]["face_box"] is None
+    per_file = BatchWorker(str(model_dir), threads=None, faces="largest")(batch).to_pylist()
+    assert [r["key"] for r in per_file] == keys

@@ -31,6 +31,7 @@ __all__ = [
     "PredictSummary",
     "cpu_count",
     "describe_items",
+    "face_mode",
     "read_parquet",
 ]
 
@@ -51,6 +52,7 @@ class BatchWorker:
         distribution: bool = False,
         threads: int | None = 1,
         rule: str | None = None,
+        faces: str = "largest",
     ) -> None:
         if threads:
             import torch
@@ -71,6 +73,7 @@ class BatchWorker:
         )
         self.distribution = distribution
         self.rule = rule
+        self.faces = faces
 
     def __call__(self, batch: Any) -> Any:
         from ageray.inference import rows_to_table
@@ -84,8 +87,18 @@ class BatchWorker:
             rule=self.rule,
             distribution=self.distribution,
             batch_size=max(1, len(cols["key"])),
+            faces=self.faces,
         )
         return rows_to_table(rows, distribution=self.distribution)
+
+
+def face_mode(faces: str, items: Iterable[Mapping[str, Any]]) -> str:
+    """``jobs.predict --faces``: ``auto`` is ``all`` (a row per face) for image files and
+    tar archives, which hold photos, and ``largest`` (a row per file) when every input is
+    shards: a dataset's faces, answered exactly as evaluation reads them."""
+    if faces != "auto":
+        return faces
+    return "largest" if all(i.get("kind") == "shard" for i in items) else "all"
 
 
 @dataclass
