@@ -54,6 +54,10 @@ def png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def _missing(v: object) -> bool:
+    return isinstance(v, float) and v != v  # NaN
+
+
 def match(rows: list[dict], boxes: list) -> list[dict]:
     """The row whose box covers each source rectangle (exactly one each)."""
     out = []
@@ -198,11 +202,12 @@ def test_pyfunc_and_batch_worker_answer_per_face(model_dir: Path, family: dict) 
     py = AgeRayPyfunc()
     py.load_context(SimpleNamespace(artifacts={"model": str(model_dir)}))
     frame = py.predict(None, pd.DataFrame({"key": keys, "image": images}), params={"faces": "all"})
-    got = frame.to_dict("records")
+    # pandas holds a missing value as NaN (None in the path's rows)
+    got = [{k: None if _missing(v) else v for k, v in r.items()} for r in frame.to_dict("records")]
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert (g["key"], g["face_index"], g["error"]) == (w["key"], w["face_index"], w["error"])
-        assert g["age"] == w["age"] or (g["error"] and w["error"])
+        assert g["age"] == w["age"]
     faces = match(got[:3], family["boxes"])
     for face, chip in zip(faces, got[4:]):
         assert abs(face["age"] - chip["age"]) <= AGE_TOL
@@ -214,7 +219,8 @@ def test_pyfunc_and_batch_worker_answer_per_face(model_dir: Path, family: dict) 
     assert [(r["key"], r["face_index"]) for r in table] == [
         (r["key"], r["face_index"]) for r in want
     ]
-    assert all(t["age"] == w["age"] for t, w in zip(table, want) if w["error"] is None)
+    for t, w in zip(table, want):  # other batch compositions: float32 rounding only
+        assert t["age"] == w["age"] or abs(t["age"] - w["age"]) <= 1e-4
     assert table[3]["error"].startswith("no_face:") and table[3]["face_box"] is None
     per_file = BatchWorker(str(model_dir), threads=None, faces="largest")(batch).to_pylist()
     assert [r["key"] for r in per_file] == keys
