@@ -17,11 +17,19 @@ and runs the model in an actor pool (``--actors``, ``--batch-size``; ``--device 
 GPU under each actor). The driver writes one Parquet file (local or s3://), visible only when
 complete. Columns (``ageray.inference.answers``): key, source, age, age_low, age_high (90%
 interval), head, weight_balanced, rule, age_vanilla, kl_vanilla, age_balanced, kl_balanced,
-gender, gender_probs, race, race_probs, face_found, face_box, [distribution], error. A file
-that is not a usable image is a row with ``error`` set, never a crash.
+gender, gender_probs, race, race_probs, face_found, face_box, face_index, face_landmarks,
+face_score, quality, [distribution], error. A file that is not a usable image is a row with
+``error`` set, never a crash.
+
+Faces (``--faces``): ``all`` writes a row per detected face of each photo (its
+``face_index``, largest first, its box and landmarks in the photo's pixels) and one
+``no_face`` row for a photo without a face; ``largest`` a row per file, as the single-image
+path always did. ``auto`` (the default) is ``all`` for image files and tar archives (photos)
+and ``largest`` for shards (a dataset's faces, read as evaluation reads them).
 
 Videos (.mp4 .avi .mov .mkv .webm, read with OpenCV: ``ageray.inference.video``): ``--fps``
-frames a second are sampled, each goes through the same path as a photo, and each row also
+frames a second are sampled, each goes through the same path as a photo (always with
+``faces=all``: the tracker follows every face), and each row also
 has ``frame_index``, ``timestamp_s``, ``track_id`` (a face followed across frames by IoU
 matching: ``ageray.inference.tracking``) and ``age_smoothed`` (the track's running median);
 these are None for photos. The progress bar counts images and frames done.
@@ -56,6 +64,12 @@ def parse(argv: list[str] | None = None):
     )
     p.add_argument("--rule", help="routing rule (default: the model's own)")
     p.add_argument("--distribution", action="store_true", help="add the age distribution")
+    p.add_argument(
+        "--faces",
+        default="auto",
+        choices=["auto", "all", "largest"],
+        help="all: a row per face; largest: a row per file; auto: all, largest for shards",
+    )
     p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="video frames sampled a second")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -121,7 +135,7 @@ def run(args: Any, cfg: Any) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    from ageray.inference.batch import BatchWorker, describe_items
+    from ageray.inference.batch import BatchWorker, describe_items, face_mode
     from ageray.inference.sources import expected_images, list_items, read_item
     from ageray.tracking import Tracker
     from ageray.training.driver import init_ray
@@ -145,10 +159,11 @@ def run(args: Any, cfg: Any) -> Any:
     actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     if gpu and not args.actors:
         actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
+    faces = face_mode(args.faces, items)
     print(
         f"[ageray] predicting {describe_items(items)} from {args.input} with {args.model} "
         f"({args.backend}, {actors} actor(s) x {cpus:g} CPU{', 1 GPU' if gpu else ''}, "
-        f"batch {args.batch_size})",
+        f"batch {args.batch_size}, faces {faces})",
         flush=True,
     )
     align = {"auto": "auto", "on": True, "off": False}[args.align]
@@ -166,6 +181,7 @@ def run(args: Any, cfg: Any) -> Any:
                 "distribution": args.distribution,
                 "threads": max(1, round(cpus)),
                 "rule": args.rule,
+                "faces": faces,
             },
             batch_size=args.batch_size,
             batch_format="pyarrow",
@@ -175,16 +191,19 @@ def run(args: Any, cfg: Any) -> Any:
         )
     )
     sink = _write(ds, args, total=expected_images(items))
-    summary = sink.summary
+    _report(sink.summary, args.output, timer)
+    return sink.summary
+
+
+def _report(summary: Any, output: str, timer: Any) -> None:
     total, steady = summary.throughput()
     print(f"[ageray] {summary.line()}")
     for example in summary.examples:
         print(f"  e.g. {example}")
     print(
-        f"[ageray] wrote {args.output} in {timer}: {total:.1f} images/s overall, "
+        f"[ageray] wrote {output} in {timer}: {total:.1f} images/s overall, "
         f"{steady:.1f} images/s from the first answers on"
     )
-    return summary
 
 
 if __name__ == "__main__":

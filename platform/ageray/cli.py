@@ -201,7 +201,8 @@ def render_table(photo: str, answer: Any) -> str:
     rows = [r for r in answer.rows if r.get("error") is None]
     size = f"{answer.width}x{answer.height}" if answer.width else "?"
     if not rows:
-        return f"{photo} ({size}): no face found: {answer.reason or 'no answer'}"
+        why = answer.reason or "no face found"
+        return f"{photo} ({size}): {why if why.startswith('no face') else 'no face found: ' + why}"
     head = f"{photo} ({size}): {len(rows)} face{'s' if len(rows) != 1 else ''}"
     lines = [head, f"  {'face':>4}  {'box (x0, y0, x1, y1)':<24} {'age':>5}  {'90%':>11}  head"]
     for r in rows:

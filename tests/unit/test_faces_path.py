@@ -54,6 +54,10 @@ def png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def _missing(v: object) -> bool:
+    return isinstance(v, float) and v != v  # NaN
+
+
 def match(rows: list[dict], boxes: list) -> list[dict]:
     """The row whose box covers each source rectangle (exactly one each)."""
     out = []
@@ -177,3 +181,46 @@ def test_job_form_is_told_apart() -> None:
     assert is_job_form(["--output=x.parquet", "--input=d"])
     assert not is_job_form(["photo.jpg", "--model", "m", "--json"])
     assert {"promote", "crossval"} <= set(VERBS)
+
+
+@pytest.mark.realdata
+def test_pyfunc_and_batch_worker_answer_per_face(model_dir: Path, family: dict) -> None:
+    """The pyfunc model (params faces=all) and jobs.predict's map_batches worker give the
+    path's per-face rows; faces=largest (the pyfunc's default) a row per image."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from ageray.inference.batch import BatchWorker
+    from ageray.pyfunc_model import AgeRayPyfunc
+
+    images = [family["photo"], wall_photo(), *family["chips"]]
+    keys = ["family", "wall", "child", "adult", "elderly"]
+    want = load_predictor(model_dir).predict(images, keys=keys, faces="all")
+    assert [r["key"] for r in want] == ["family"] * 3 + keys[1:]
+    py = AgeRayPyfunc()
+    py.load_context(SimpleNamespace(artifacts={"model": str(model_dir)}))
+    frame = py.predict(None, pd.DataFrame({"key": keys, "image": images}), params={"faces": "all"})
+    # pandas holds a missing value as NaN (None in the path's rows)
+    got = [{k: None if _missing(v) else v for k, v in r.items()} for r in frame.to_dict("records")]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["key"], g["face_index"], g["error"]) == (w["key"], w["face_index"], w["error"])
+        assert g["age"] == w["age"]
+    faces = match(got[:3], family["boxes"])
+    for face, chip in zip(faces, got[4:]):
+        assert abs(face["age"] - chip["age"]) <= AGE_TOL
+    assert len(py.predict(None, pd.DataFrame({"image": images}))) == 5  # largest: per image
+    with pytest.raises(ValueError, match="faces"):
+        py.predict(None, pd.DataFrame({"image": images[:1]}), params={"faces": "every"})
+    batch = pa.table({"key": keys, "source": keys, "image": images, "error": [None] * 5})
+    table = BatchWorker(str(model_dir), threads=None, faces="all")(batch).to_pylist()
+    assert [(r["key"], r["face_index"]) for r in table] == [
+        (r["key"], r["face_index"]) for r in want
+    ]
+    for t, w in zip(table, want):  # other batch compositions: float32 rounding only
+        assert t["age"] == w["age"] or abs(t["age"] - w["age"]) <= 1e-4
+    assert table[3]["error"].startswith("no_face:") and table[3]["face_box"] is None
+    per_file = BatchWorker(str(model_dir), threads=None, faces="largest")(batch).to_pylist()
+    assert [r["key"] for r in per_file] == keys

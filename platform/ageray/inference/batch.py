@@ -32,6 +32,7 @@ __all__ = [
     "carry_video_columns",
     "cpu_count",
     "describe_items",
+    "face_mode",
     "read_parquet",
 ]
 
@@ -52,6 +53,7 @@ class BatchWorker:
         distribution: bool = False,
         threads: int | None = 1,
         rule: str | None = None,
+        faces: str = "largest",
     ) -> None:
         if threads:
             import torch
@@ -72,6 +74,7 @@ class BatchWorker:
         )
         self.distribution = distribution
         self.rule = rule
+        self.faces = faces
 
     def __call__(self, batch: Any) -> Any:
         from ageray.inference import rows_to_table
@@ -80,7 +83,7 @@ class BatchWorker:
         rows: list[dict[str, Any]] = []
         for idx, frames in split_frames(cols):
             # a video's frames always answer every face: the tracker follows them all
-            mode = {"faces": "all"} if frames else {}
+            faces = "all" if frames else self.faces
             rows += self.predictor.predict(
                 [cols["image"][i] for i in idx],
                 keys=[str(cols["key"][i]) for i in idx],
@@ -89,7 +92,7 @@ class BatchWorker:
                 rule=self.rule,
                 distribution=self.distribution,
                 batch_size=max(1, len(idx)),
-                **mode,
+                faces=faces,
             )
         carry_video_columns(cols, rows)
         return rows_to_table(rows, distribution=self.distribution)
@@ -119,6 +122,15 @@ def carry_video_columns(cols: Mapping[str, Any], rows: list[dict[str, Any]]) -> 
         hit = frames.get(str(row["key"]))
         if hit is not None:
             row["frame_index"], row["timestamp_s"] = int(hit[0]), float(hit[1])
+
+
+def face_mode(faces: str, items: Iterable[Mapping[str, Any]]) -> str:
+    """``jobs.predict --faces``: ``auto`` is ``all`` (a row per face) for image files and
+    tar archives, which hold photos, and ``largest`` (a row per file) when every input is
+    shards: a dataset's faces, answered exactly as evaluation reads them."""
+    if faces != "auto":
+        return faces
+    return "largest" if all(i.get("kind") == "shard" for i in items) else "all"
 
 
 @dataclass
