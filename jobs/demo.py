@@ -254,7 +254,7 @@ def _ask_served_model(cfg: Any, model_uri: str, base: str) -> None:
     print(f"serving {model_uri} (version {info.get('version')}) at {base}")
     print(f"\n{'image':<28} {'true':>5} {'answer':>7}  head      vanilla  balanced")
     for key, age, data in sample_images(cfg.data.shards, cfg.eval.split):
-        out = post_image(base + "/v1/predict", data)
+        out = post_image(base + "/v1/predict?faces=largest", data)  # test-split chips
         heads = out["heads"]
         bal = heads.get("balanced", {}).get("age")
         print(

@@ -1,8 +1,9 @@
 """Batch prediction with Ray Data: a folder, tar archive, shards or s3:// prefix of face images
--> one Parquet file of answers.
+(and videos) -> one Parquet file of answers.
 
     python -m jobs.predict --model models:/ageray@candidate --input photos/ --output ages.parquet
     python -m jobs.predict --model runs/demo/stage2/model --input faces.tar --output out.parquet
+    python -m jobs.predict --model models:/ageray@prod --input clips/ --fps 2 --output v.parquet
     python -m jobs.predict --model models:/ageray@prod --input s3://bucket/shards/utk \\
         --split test --output s3://bucket/predictions/utk-test.parquet --actors 4
     ray job submit --working-dir . -- python -m jobs.predict --model ... --input s3://... ...
@@ -16,8 +17,22 @@ and runs the model in an actor pool (``--actors``, ``--batch-size``; ``--device 
 GPU under each actor). The driver writes one Parquet file (local or s3://), visible only when
 complete. Columns (``ageray.inference.answers``): key, source, age, age_low, age_high (90%
 interval), head, weight_balanced, rule, age_vanilla, kl_vanilla, age_balanced, kl_balanced,
-gender, gender_probs, race, race_probs, face_found, face_box, [distribution], error. A file
-that is not a usable image is a row with ``error`` set, never a crash.
+gender, gender_probs, race, race_probs, face_found, face_box, face_index, face_landmarks,
+face_score, quality, [distribution], error. A file that is not a usable image is a row with
+``error`` set, never a crash.
+
+Faces (``--faces``): ``all`` writes a row per detected face of each photo (its
+``face_index``, largest first, its box and landmarks in the photo's pixels) and one
+``no_face`` row for a photo without a face; ``largest`` a row per file, as the single-image
+path always did. ``auto`` (the default) is ``all`` for image files and tar archives (photos)
+and ``largest`` for shards (a dataset's faces, read as evaluation reads them).
+
+Videos (.mp4 .avi .mov .mkv .webm, read with OpenCV: ``ageray.inference.video``): ``--fps``
+frames a second are sampled, each goes through the same path as a photo (always with
+``faces=all``: the tracker follows every face), and each row also
+has ``frame_index``, ``timestamp_s``, ``track_id`` (a face followed across frames by IoU
+matching: ``ageray.inference.tracking``) and ``age_smoothed`` (the track's running median);
+these are None for photos. The progress bar counts images and frames done.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import os
 import sys
 from typing import Any
 
+from ageray.inference.video import DEFAULT_FPS
 from jobs._common import Timer, base_parser, load, setup_logging
 
 
@@ -48,6 +64,13 @@ def parse(argv: list[str] | None = None):
     )
     p.add_argument("--rule", help="routing rule (default: the model's own)")
     p.add_argument("--distribution", action="store_true", help="add the age distribution")
+    p.add_argument(
+        "--faces",
+        default="auto",
+        choices=["auto", "all", "largest"],
+        help="all: a row per face; largest: a row per file; auto: all, largest for shards",
+    )
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="video frames sampled a second")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -61,6 +84,35 @@ def _model_files(model: str, backend: str) -> dict[str, bytes]:
 
     files = fetch_model_files(model)
     return (with_export(files) if backend == "onnxruntime" else files).files
+
+
+def _write(ds: Any, args: Any, *, total: int | None) -> Any:
+    """Stream the answer tables into the Parquet file; a video's rows are held until the end
+    and written tracked (``VideoTracks``: Ray Data answers frames in any order). The bar
+    counts images and sampled frames done. Returns the sink (its summary)."""
+    from ageray.inference.batch import ParquetSink
+    from ageray.inference.tracking import VideoTracks
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        desc = "[ageray] predict (images + frames)"
+        bar = tqdm(total=total or None, unit="img", desc=desc, file=sys.stdout)
+    tracks = VideoTracks()
+    with ParquetSink(args.output, distribution=args.distribution) as sink:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if bar is not None:
+                bar.update(tracks.images_in(table))
+            sink.summary.add(table)  # counted as it arrives (rates), written below
+            photos = tracks.split(table)
+            if photos.num_rows:
+                sink.write(photos, count=False)
+        for table in tracks.tables(distribution=args.distribution):
+            sink.write(table, count=False)
+    if bar is not None:
+        bar.close()
+    return sink
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +135,14 @@ def run(args: Any, cfg: Any) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-    from ageray.inference.batch import BatchWorker, ParquetSink, describe_items
-    from ageray.inference.sources import list_items, read_item
+    from ageray.inference.batch import BatchWorker, describe_items, face_mode
+    from ageray.inference.sources import expected_images, list_items, read_item
     from ageray.tracking import Tracker
     from ageray.training.driver import init_ray
 
     if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
         Tracker(cfg)  # points MLflow at the configured server for models:/ URIs
-    items = list_items(args.input, splits=args.split)
+    items = list_items(args.input, splits=args.split, fps=args.fps)
     files = _model_files(args.model, args.backend)
     init_ray(cfg)
     verbose = os.environ.get("AGERAY_VERBOSE", "") not in ("", "0", "false")
@@ -107,11 +159,11 @@ def run(args: Any, cfg: Any) -> Any:
     actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
     if gpu and not args.actors:
         actors = max(1, int(ray.cluster_resources().get("GPU", 0)))
-    total = sum(len(i["urls"]) for i in items) if all(i["kind"] == "files" for i in items) else 0
+    faces = face_mode(args.faces, items)
     print(
         f"[ageray] predicting {describe_items(items)} from {args.input} with {args.model} "
         f"({args.backend}, {actors} actor(s) x {cpus:g} CPU{', 1 GPU' if gpu else ''}, "
-        f"batch {args.batch_size})",
+        f"batch {args.batch_size}, faces {faces})",
         flush=True,
     )
     align = {"auto": "auto", "on": True, "off": False}[args.align]
@@ -129,6 +181,7 @@ def run(args: Any, cfg: Any) -> Any:
                 "distribution": args.distribution,
                 "threads": max(1, round(cpus)),
                 "rule": args.rule,
+                "faces": faces,
             },
             batch_size=args.batch_size,
             batch_format="pyarrow",
@@ -137,28 +190,20 @@ def run(args: Any, cfg: Any) -> Any:
             num_gpus=1 if gpu else 0,
         )
     )
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    sink = _write(ds, args, total=expected_images(items))
+    _report(sink.summary, args.output, timer)
+    return sink.summary
 
-        bar = tqdm(total=total or None, unit="img", desc="[ageray] predict", file=sys.stdout)
-    with ParquetSink(args.output, distribution=args.distribution) as sink:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            sink.write(table)
-            if bar is not None:
-                bar.update(table.num_rows)
-    if bar is not None:
-        bar.close()
-    summary = sink.summary
+
+def _report(summary: Any, output: str, timer: Any) -> None:
     total, steady = summary.throughput()
     print(f"[ageray] {summary.line()}")
     for example in summary.examples:
         print(f"  e.g. {example}")
     print(
-        f"[ageray] wrote {args.output} in {timer}: {total:.1f} images/s overall, "
+        f"[ageray] wrote {output} in {timer}: {total:.1f} images/s overall, "
         f"{steady:.1f} images/s from the first answers on"
     )
-    return summary
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,7 +87,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ageray.inference import Prepared
+from ageray.inference import PreparedImage
 from ageray.redaction import install as install_redaction
 from ageray.redaction import redact, remember_uris
 from ageray.serving import (
@@ -99,7 +99,7 @@ from ageray.serving import (
     ServedModel,
     ServeError,
     ServeSettings,
-    build_prediction,
+    build_answers,
     check_auth,
     install_edge_guard,
     load_served_model,
@@ -168,6 +168,11 @@ _PREDICT_BODY = {
                             "description": "several base64 images; answers {'predictions'}",
                         },
                         "distribution": {"type": "boolean"},
+                        "faces": {
+                            "type": "string",
+                            "enum": ["all", "largest"],
+                            "description": "as the query parameter 'faces'",
+                        },
                     },
                 }
             },
@@ -486,15 +491,17 @@ class AgeEstimator:
         token = os.environ.get(self._settings.auth_token_env) or None
         check_auth(request.headers.get("authorization"), token)
 
-    async def _model_input(self, served: ServedModel, data: bytes, name: str) -> Prepared:
+    async def _model_input(
+        self, served: ServedModel, data: bytes, name: str, faces: str
+    ) -> PreparedImage:
         limits = self._settings.limits
         big = len(data) >= self._settings.decode_in_thread_bytes
-        if big or served.predictor.aligner is not None:
+        if big or faces == "all" or served.predictor.aligner is not None:  # detection runs
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                self._decode_pool, served.model_input, data, name, limits
+                self._decode_pool, served.model_faces, data, name, limits, faces
             )
-        return served.model_input(data, name, limits)
+        return served.model_faces(data, name, limits, faces)
 
     # ------------------------------------------------------------------ routes
     @api.get("/", include_in_schema=False)
@@ -536,7 +543,7 @@ class AgeEstimator:
 
     @api.post(
         "/v1/predict",
-        summary="Estimate the age of one or several face images",
+        summary="Estimate the age of every face in one or several images",
         openapi_extra=_PREDICT_BODY,
         responses=PREDICT_RESPONSES,
     )
@@ -544,6 +551,12 @@ class AgeEstimator:
         self,
         request: Request,
         distribution: bool = Query(False, description="add the 101-way age distribution"),
+        faces: Literal["all", "largest"] = Query(
+            "all",
+            description="all: an answer per detected face ({'faces': [...]}, empty with a "
+            "'reason' when there is none); largest: one flat answer per image, as for face "
+            "chips (the JSON field 'faces' overrides this)",
+        ),
     ) -> JSONResponse:
         t0 = time.perf_counter()
         self._auth(request)
@@ -559,40 +572,33 @@ class AgeEstimator:
         n = len(parsed.images)
         if not self._admission.try_enter(n):
             raise self._admission.overloaded(self._settings.retry_after_s)
+        mode = parsed.faces or faces
         try:
             self._decoding += n
             try:
                 inputs = [
-                    await self._model_input(served, img.data, img.name) for img in parsed.images
+                    await self._model_input(served, img.data, img.name, mode)
+                    for img in parsed.images
                 ]
             finally:
                 self._decoding -= n
-            outs = await asyncio.gather(*(self._infer_one(p.tensor, served) for p in inputs))
+            # every face of the request joins the batch queue at once: one forward for all
+            queued = [self._infer_one(f.tensor, served) for p in inputs for f in p.faces]
+            outs = await asyncio.gather(*queued)
         finally:
             self._admission.leave(n)
-        total = (time.perf_counter() - t0) * 1000.0
-        want_dist = distribution or parsed.distribution
-        answers = []
-        for p, (res, meta) in zip(inputs, outs):
-            timing = {
-                "read": read_ms,
-                "decode": p.decode_ms,
-                "queue": meta["queue_ms"],
-                "forward": meta["forward_ms"],
-                "total": total,
-            }
-            answers.append(
-                build_prediction(
-                    res,
-                    served,
-                    distribution=want_dist,
-                    face=p.face,
-                    timing_ms=timing,
-                    batch_size=meta["batch_size"],
-                )
-            )
+        answers = build_answers(
+            inputs,
+            outs,
+            served,
+            faces=mode,
+            distribution=distribution or parsed.distribution,
+            read_ms=read_ms,
+            total_ms=(time.perf_counter() - t0) * 1000.0,
+        )
         for a in answers:
-            METRICS.answer(a["head"], a["age"])
+            for one in a.get("faces", [a]):
+                METRICS.answer(one["head"], one["age"])
         return JSONResponse({"predictions": answers} if parsed.many else answers[0])
 
 

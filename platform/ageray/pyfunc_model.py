@@ -15,7 +15,10 @@ strings) and optionally a ``key`` column, or a numpy array of already-preprocess
 ``weight_balanced``, ``rule``, ``age_vanilla``, ``kl_vanilla``, ``age_balanced``,
 ``kl_balanced``, ``gender``..., ``error``); an image that cannot be decoded gets a row with
 ``error`` set. ``params={"rule": ...}`` picks another servable rule, ``{"distribution":
-True}`` adds the distribution column.
+True}`` adds the distribution column, ``{"faces": "all"}`` answers a row per detected face
+(``face_index`` 0..n-1 largest first, ``face_box``, ``face_landmarks``, ``face_score``; a
+photo without a face is one row with ``error`` ``no_face: ...``) where the default
+``"largest"`` answers a row per image, as for face chips and datasets.
 """
 
 from __future__ import annotations
@@ -67,13 +70,16 @@ class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
         if rule is not None:
             check_servable(str(rule), "pyfunc params.rule")
         distribution = bool(params.get("distribution", False))
+        faces = str(params.get("faces") or "largest")
+        if faces not in ("all", "largest"):
+            raise ValueError(f"pyfunc params.faces={faces!r}: use 'all' or 'largest'")
         if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
             outputs = self.predictor.forward(model_input, rule)
             rows = self.predictor.rows(outputs, rule=rule, distribution=distribution)
         else:
             images, keys, errors = self._images(model_input)
             rows = self.predictor.predict(
-                images, keys=keys, errors=errors, rule=rule, distribution=distribution
+                images, keys=keys, errors=errors, rule=rule, distribution=distribution, faces=faces
             )
         columns = [*ROW_FIELDS, "distribution"] if distribution else list(ROW_FIELDS)
         return pd.DataFrame.from_records(rows, columns=columns)

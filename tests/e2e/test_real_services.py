@@ -228,7 +228,10 @@ def test_operations_path_end_to_end(cluster, s3) -> None:
     assert str(info["version"]) == str(version.version)
     image = _a_test_image(shards)
     req = urllib.request.Request(
-        base + "/v1/predict", data=image, headers={"Content-Type": "image/jpeg"}, method="POST"
+        base + "/v1/predict?faces=largest",  # a dataset chip: one flat answer
+        data=image,
+        headers={"Content-Type": "image/jpeg"},
+        method="POST",
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
         answer = json.loads(resp.read())

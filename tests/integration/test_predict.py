@@ -49,8 +49,10 @@ def test_predict_folder_with_corrupt_files(ray_local, model_dir: Path, tmp_path:
     (folder / "cut.jpg").write_bytes(records[0].image[:300])
     (folder / "notes.txt").write_text("not an image: not listed")
     out = tmp_path / "out" / "ages.parquet"
+    # a row per file: --faces largest (the default for a folder is a row per face)
     assert main(["--model", str(model_dir), "--input", str(folder), "--output", str(out),
-                 "--batch-size", "8", "--actors", "2", "--no-progress"]) == 0  # fmt: skip
+                 "--batch-size", "8", "--actors", "2", "--no-progress",
+                 "--faces", "largest"]) == 0  # fmt: skip
     rows = {r["key"]: r for r in _rows(str(out))}
     assert len(rows) == 16
     assert rows["broken.jpg"]["error"].startswith("not_image")
@@ -65,6 +67,45 @@ def test_predict_folder_with_corrupt_files(ray_local, model_dir: Path, tmp_path:
         for f in ("age", "age_low", "age_high", "age_vanilla", "kl_vanilla", "weight_balanced"):
             assert got[f] == pytest.approx(w[f], abs=1e-5), f  # other batch compositions
         assert got["source"] == str(folder / w["key"])
+
+
+@pytest.mark.realdata
+def test_predict_writes_a_row_per_face(
+    ray_local, model_dir: Path, utkface_tar: Path, tmp_path: Path
+) -> None:
+    """Issue 23 through jobs.predict (Ray Data): a folder holding a photo of three real
+    UTKFace faces, the three chips and a wall gives a row per face with its index and box
+    (covering the sources), ages equal to each chip's row within 0.5 year, and one no_face
+    row for the wall."""
+    from faces import compose_photo, covers, utk_faces_by_band, wall_photo
+
+    from ageray.inference import load_predictor
+    from jobs.predict import main
+
+    chips = [v[0][2] for v in utk_faces_by_band(utkface_tar).values()]
+    photo, boxes = compose_photo(chips)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "family.png").write_bytes(photo)
+    (folder / "wall.jpg").write_bytes(wall_photo())
+    for name, chip in zip(("child", "adult", "elderly"), chips):
+        (folder / f"{name}.jpg").write_bytes(chip)
+    out = tmp_path / "faces.parquet"
+    assert main(["--model", str(model_dir), "--input", str(folder), "--output", str(out),
+                 "--actors", "1", "--no-progress"]) == 0  # fmt: skip
+    rows = _rows(str(out))
+    family = sorted((r for r in rows if r["key"] == "family.png"), key=lambda r: r["face_index"])
+    assert [r["face_index"] for r in family] == [0, 1, 2]
+    (wall,) = [r for r in rows if r["key"] == "wall.jpg"]
+    assert wall["age"] is None and wall["error"].startswith("no_face: no face with score")
+    for name, source in zip(("child", "adult", "elderly"), boxes):
+        (face,) = [r for r in family if covers(r["face_box"], source)]
+        (chip,) = [r for r in rows if r["key"] == f"{name}.jpg"]
+        assert abs(face["age"] - chip["age"]) <= 0.5 and len(face["face_landmarks"]) == 10
+    want = load_predictor(model_dir).predict([photo], keys=["family.png"], faces="all")
+    for got, w in zip(family, want):
+        assert got["face_box"] == w["face_box"]
+        assert got["age"] == pytest.approx(w["age"], abs=1e-5)
 
 
 def test_predict_s3_shards_to_s3_parquet(s3, model_dir: Path, tmp_path: Path) -> None:
@@ -172,7 +213,7 @@ def test_serve_answers_like_the_one_path(ray_local, model_dir: Path) -> None:
         serve.run(app, name="onepath", route_prefix="/onepath")
         for data, w in zip(images, want):
             r = httpx.post(
-                f"http://127.0.0.1:{port}/onepath/v1/predict",
+                f"http://127.0.0.1:{port}/onepath/v1/predict?faces=largest",  # rows per file
                 content=data,
                 headers={"Content-Type": "image/jpeg"},
                 timeout=60,

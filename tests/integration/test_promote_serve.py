@@ -174,7 +174,10 @@ def face(seed: int = 0) -> bytes:
 
 
 def predict(client: httpx.Client, url: str, data: bytes) -> httpx.Response:
-    return client.post(url, content=data, headers={"content-type": "image/jpeg"})
+    """One face chip, one flat answer (``faces=largest``; the default answers per face)."""
+    return client.post(
+        url, params={"faces": "largest"}, content=data, headers={"content-type": "image/jpeg"}
+    )
 
 
 # --------------------------------------------------------------------------- metrics

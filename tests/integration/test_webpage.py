@@ -1,8 +1,9 @@
 """The web page in a real headless browser (Debian's chromium + chromium-driver, selenium)
 against the real Serve app: upload a real face and read the age the page shows (it must be
-the endpoint's answer for those bytes), a bad file shows the server's own error message, a
-phone-sized window needs no sideways scrolling, and with auth on the token field is what
-makes it work.
+the endpoint's answer for those bytes), a photo of three real faces shows three boxes, each
+with that face's age, over the faces the endpoint found, a photo of a wall shows the no-face
+message, a bad file shows the server's own error message, a phone-sized window needs no
+sideways scrolling, and with auth on the token field is what makes it work.
 
 CI installs chromium and chromium-driver itself (.ci/run); where they are absent the test
 skips and says how to get them. The real face comes from ../shared/data/utkface-dev.tar
@@ -12,6 +13,7 @@ skips and says how to get them. The real face comes from ../shared/data/utkface-
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 import tarfile
@@ -87,7 +89,9 @@ def site(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
     from serve.app import build_app
 
-    model = make_tiny_model(tmp_path_factory.mktemp("page-model") / "tiny", seed=0)
+    # trained on aligned faces: the app detects every face of a photo, as for a real model
+    folder = tmp_path_factory.mktemp("page-model") / "tiny"
+    model = make_tiny_model(folder, seed=0, meta={"seed": 0, "align": True})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     common = {"device": "cpu", "torch_threads": 1, "warmup_batch_sizes": [1]}
@@ -137,6 +141,37 @@ def real_face(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@dataclass
+class Photo:
+    path: Path
+    sources: list[tuple[float, float, float, float]]  # each chip's rectangle in the photo
+
+
+@pytest.fixture(scope="module")
+def three_faces(tmp_path_factory: pytest.TempPathFactory) -> Photo:
+    """A photo composed of three real UTKFace faces (a child, an adult, an elderly person:
+    tests/faces.py) side by side, and where each chip lies in it."""
+    from faces import compose_photo, utk_faces_by_band
+
+    if not UTKFACE_TAR.is_file():
+        pytest.skip(f"three real faces: {UTKFACE_TAR} is absent")
+    bands = utk_faces_by_band(UTKFACE_TAR)
+    data, sources = compose_photo([bands[b][0][2] for b in ("child", "adult", "elderly")])
+    path = tmp_path_factory.mktemp("three") / "three_people.png"
+    path.write_bytes(data)
+    return Photo(path, sources)
+
+
+@pytest.fixture(scope="module")
+def wall(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A photo of a brick wall (tests/faces.py): no face in it."""
+    from faces import wall_photo
+
+    path = tmp_path_factory.mktemp("wall") / "garden_wall.jpg"
+    path.write_bytes(wall_photo())
+    return path
+
+
 def _wait(browser: Any, script: str, timeout: float = 60.0) -> Any:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -154,6 +189,7 @@ def _upload(browser: Any, path: Path) -> None:
     browser.execute_script(
         "document.getElementById('age').textContent = '–';"
         "document.getElementById('error').hidden = true;"
+        "document.getElementById('noface').hidden = true;"
     )
     browser.find_element(By.ID, "file").send_keys(str(path))
 
@@ -161,8 +197,21 @@ def _upload(browser: Any, path: Path) -> None:
 RESULT = (
     "const e = document.getElementById('error');"
     "if (!e.hidden && e.textContent) return 'error: ' + e.textContent;"
+    "const n = document.getElementById('noface');"
+    "if (!n.hidden && n.textContent) return 'noface: ' + n.textContent;"
     "const a = document.getElementById('age').textContent;"
     "return a !== '–' ? 'age: ' + a : null;"
+)
+
+#: every box on the photo: its age tag and its place in CSS pixels relative to the <img>
+BOXES = (
+    "const img = document.getElementById('photo').getBoundingClientRect();"
+    "return [...document.querySelectorAll('#boxes .box')].map((b) => {"
+    "  const r = b.getBoundingClientRect();"
+    "  return {tag: b.querySelector('.tag').textContent,"
+    "          box: [r.left - img.left, r.top - img.top, r.right - img.left, r.bottom - img.top],"
+    "          shown: [img.width, img.height]};"
+    "});"
 )
 
 
@@ -170,11 +219,19 @@ def _answer(base_url: str, path: Path, token: str | None = None) -> httpx.Respon
     """What the page sends: the file as multipart field ``file`` under its own name."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.post(
-        base_url + "/v1/predict?distribution=true",
-        files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+        base_url + "/v1/predict?distribution=true&faces=all",
+        files={"file": (path.name, path.read_bytes(), _MEDIA.get(path.suffix, "image/jpeg"))},
         headers=headers,
         timeout=60,
     )
+
+
+_MEDIA = {".png": "image/png", ".jpg": "image/jpeg"}
+
+
+def _first_face(answer: dict[str, Any]) -> dict[str, Any]:
+    """The face the page details first: the largest (a ``faces=all`` answer's first)."""
+    return answer["faces"][0] if "faces" in answer else answer
 
 
 def _same_message(text: str) -> str:
@@ -187,24 +244,25 @@ def test_upload_a_face_and_read_the_age(browser: Any, site: Site, real_face: Pat
     assert "ageray" in browser.title
     _upload(browser, real_face)
     shown = _wait(browser, RESULT)
-    want = _answer(site.url("/open", ""), real_face).json()
+    answer = _answer(site.url("/open", ""), real_face).json()
+    want = _first_face(answer)
     assert shown == f"age: {want['age']:.1f}", (shown, want["age"])
     text = browser.execute_script("return document.getElementById('result').innerText")
     assert want["head"] in text
     if want.get("interval"):
         iv = want["interval"]
         assert f"90% interval: {iv['low']:.0f}–{iv['high']:.0f} years" in text
-    # the distribution chart and the photo are drawn (canvas pixels are not all blank)
-    for canvas in ("chart", "photo"):
-        inked = browser.execute_script(
-            "const c = document.getElementById(arguments[0]);"
-            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-            "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;",
-            canvas,
-        )
-        assert inked > 100, canvas
+    # the distribution chart is drawn (canvas pixels are not all blank), the photo is shown
+    inked = browser.execute_script(
+        "const c = document.getElementById('chart');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;"
+    )
+    assert inked > 100
+    assert browser.execute_script("return document.getElementById('photo').naturalWidth") > 0
+    want_model = answer["model"]
     model = browser.execute_script("return document.getElementById('model-version').textContent")
-    assert want["model"]["name"] in model
+    assert want_model["name"] in model
     # usable on a phone: nothing wider than the 412 px window
     widths = browser.execute_script(
         "return [document.documentElement.scrollWidth, window.innerWidth]"
@@ -226,8 +284,69 @@ def test_drop_a_face_on_the_page(browser: Any, site: Site, real_face: Path) -> N
         real_face.name,
     )
     shown = _wait(browser, RESULT)
-    want = _answer(site.url("/open", ""), real_face).json()
+    want = _first_face(_answer(site.url("/open", ""), real_face).json())
     assert shown == f"age: {want['age']:.1f}", shown
+
+
+def test_three_faces_get_three_boxes_with_their_ages(
+    browser: Any, site: Site, three_faces: Photo
+) -> None:
+    """The photo of a child, an adult and an elderly person: one box per face the endpoint
+    found, where it found it (scaled to the shown image), each tagged with that face's age,
+    and one line per face in the list."""
+    from faces import covers
+
+    answer = _answer(site.url("/open", ""), three_faces.path).json()
+    faces = answer["faces"]
+    assert len(faces) == 3, answer
+    browser.get(site.url("/open", "/"))
+    _upload(browser, three_faces.path)
+    _wait(browser, RESULT)
+    _wait(browser, "return document.getElementById('photo').complete")
+    boxes = browser.execute_script(BOXES)
+    assert [b["tag"] for b in boxes] == [f"{f['age']:.1f}" for f in faces], boxes
+    width = answer["image"]["width"]
+    for b, f in zip(boxes, faces):
+        scale = b["shown"][0] / width
+        assert b["box"] == pytest.approx([v * scale for v in f["box"]], abs=2.5), (b, f)
+    items = browser.execute_script(
+        "return [...document.querySelectorAll('#faces li')].map((li) => li.textContent)"
+    )
+    assert len(items) == 3
+    for item, f in zip(items, faces):
+        assert item.startswith(f"{f['age']:.1f} years") and f["head"] in item, item
+        if f.get("score") is not None:
+            assert f"score {f['score']:.3f}" in item
+    # the boxes cover the three people, each face one source chip
+    found = sorted(
+        i for f in faces for i, src in enumerate(three_faces.sources) if covers(f["box"], src)
+    )
+    assert found == [0, 1, 2], (faces, three_faces.sources)
+    # clicking a box details that face
+    browser.execute_script("document.querySelectorAll('#boxes .box')[2].click()")
+    assert browser.execute_script("return document.getElementById('age').textContent") == (
+        f"{faces[2]['age']:.1f}"
+    )
+    widths = browser.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]"
+    )
+    assert widths[0] <= widths[1], widths
+    shot = os.environ.get("AGERAY_PAGE_SCREENSHOT")
+    if shot:  # a person looks at it; never committed
+        browser.execute_script("document.getElementById('result').scrollIntoView()")
+        browser.save_screenshot(shot)
+
+
+def test_a_photo_of_a_wall_says_no_face(browser: Any, site: Site, wall: Path) -> None:
+    answer = _answer(site.url("/open", ""), wall).json()
+    assert answer["faces"] == [] and answer["reason"], answer
+    browser.get(site.url("/open", "/"))
+    _upload(browser, wall)
+    shown = _wait(browser, RESULT)
+    assert shown.startswith("noface: No face found in garden_wall.jpg"), shown
+    assert answer["reason"] in shown
+    assert browser.execute_script("return document.querySelectorAll('#boxes .box').length") == 0
+    assert browser.execute_script("return document.getElementById('picked').hidden") is True
 
 
 def test_a_bad_file_shows_the_servers_message(
@@ -267,7 +386,7 @@ def test_with_auth_the_token_field_is_what_makes_it_work(
     )
     _upload(browser, real_face)
     shown = _wait(browser, RESULT)
-    want = _answer(site.url("/locked", ""), real_face, TOKEN).json()
+    want = _first_face(_answer(site.url("/locked", ""), real_face, TOKEN).json())
     assert shown == f"age: {want['age']:.1f}"
     # the token is remembered by this browser for the next visit
     browser.get(site.url("/locked", "/"))

@@ -74,6 +74,10 @@ def test_index_points_every_url_under_the_route_prefix(root: str) -> None:
         "model-version",
         "gender",
         "race",
+        "boxes",
+        "faces",
+        "noface",
+        "picked",
     } <= page.ids
 
 
@@ -105,7 +109,7 @@ def test_javascript_talks_only_to_its_own_service() -> None:
     js = static_file("app.js")[0].decode()
     urls = re.findall(r"https?://[^\s\"']+", js)
     assert urls == []
-    assert 'ROOT + "/v1/predict?distribution=true"' in js and 'ROOT + "/v1/model"' in js
+    assert 'ROOT + "/v1/predict?distribution=true&faces=all"' in js and 'ROOT + "/v1/model"' in js
     assert "Authorization" in js and "error.message" in js
 
 

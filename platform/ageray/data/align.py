@@ -21,6 +21,16 @@ Pipeline for one image:
 4. No face: keep the original (centre square crop resized to ``output_size``) or drop it
    (``on_no_face``); both are counted in :meth:`FaceAligner.stats`.
 
+Every face or the main one: :meth:`FaceAligner.detect_faces` returns every face whose score
+is at least ``min_score`` and whose shorter box side is at least ``min_face_px`` (original
+pixels), largest first, from ONE detector call per image (MTCNN scores all candidate boxes of
+an image in one batched pass per stage), together with the index of the *main* face:
+"largest, slightly favouring the centre", the choice single-face alignment (:meth:`align`,
+the shard writer) has always made. :meth:`align_all` warps each face exactly as
+:meth:`align` warps the main one (same template, same :meth:`warp`), so a face cropped out
+of a group photo and the same face aligned alone become the same crop up to what the
+detector sees around it.
+
 The detector is built lazily, once per process and thread, so an aligner is cheap to
 construct, pickles small (to Ray workers, DataLoader workers) and is safe to share.
 """
@@ -42,9 +52,12 @@ from ageray.data.records import Record
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
+    "CHIP_TEMPLATE_200",
     "AlignResult",
+    "Face",
     "FaceAligner",
     "align_record",
+    "chip_template",
     "decode_image",
     "estimate_similarity",
     "mtcnn_available",
@@ -64,7 +77,18 @@ ARCFACE_TEMPLATE_112 = np.array(
     dtype=np.float64,
 )
 
+# Where UTKFace's 200x200 chips put the same five points: the median of MTCNN's landmarks
+# over 199 chips spread across the whole tarball (utkface-dev.tar, every 70th in name order;
+# each chip fits it within ~8 px after a similarity fit, scale 0.93-1.03 for 80% of them).
+# The chips are tighter than the ArcFace crop and sit the eyes higher (at 29% of the height,
+# not 46%); a model trained on such chips without alignment has only ever seen this framing.
+CHIP_TEMPLATE_200 = np.array(
+    [[60.0, 58.2], [138.7, 58.4], [98.7, 104.8], [63.9, 139.9], [133.5, 140.0]],
+    dtype=np.float64,
+)
+
 Detector = Literal["mtcnn", "haar", "auto"]
+Crop = Literal["arcface", "chip"]
 OnNoFace = Literal["keep", "drop"]
 _BORDERS = {
     "edge": cv2.BORDER_REPLICATE,
@@ -80,6 +104,20 @@ def template(output_size: int = 112, margin: float = 0.0) -> np.ndarray:
     forehead top and hair cut off), 0.2 shows 20% more on every side.
     """
     pts = ARCFACE_TEMPLATE_112 * (output_size / 112.0)
+    centre = output_size / 2.0
+    return centre + (pts - centre) / (1.0 + 2.0 * margin)
+
+
+def chip_template(output_size: int = 200, margin: float = 0.0) -> np.ndarray:
+    """The five points where a UTKFace chip has them (:data:`CHIP_TEMPLATE_200`), for an
+    ``output_size`` square crop; ``margin`` zooms out as in :func:`template`.
+
+    Why: a model trained on dataset chips without alignment (``model.json`` ``align:
+    false``) must still get a face cut out of a photo; warping the photo's face onto the
+    chips' own landmark positions reproduces the framing it was trained on (measured, not
+    assumed), with the same least-squares similarity warp the ArcFace crop uses.
+    """
+    pts = CHIP_TEMPLATE_200 * (output_size / 200.0)
     centre = output_size / 2.0
     return centre + (pts - centre) / (1.0 + 2.0 * margin)
 
@@ -126,6 +164,30 @@ def decode_image(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Face:
+    """One detected face, in the input image's pixel coordinates.
+
+    ``box`` ``[x0, y0, x1, y1]``; ``landmarks`` (5, 2): left eye, right eye, nose tip, left
+    and right mouth corner ("left" = image left); ``score``: MTCNN's face probability, or
+    1.0 from the Haar fallback (a cascade has no calibrated confidence: 1.0 only says the
+    detection passed its neighbour vote).
+    """
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    score: float
+
+    @property
+    def area(self) -> float:
+        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+    @property
+    def side(self) -> float:
+        """The shorter side of the box (what ``min_face_px`` compares)."""
+        return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
 @dataclass
 class AlignResult:
     """What alignment did to one image.
@@ -142,6 +204,7 @@ class AlignResult:
     score: float | None = None
     matrix: np.ndarray | None = None
     detector: str = ""
+    index: int | None = None  # the face's place in detect_faces' order (largest first)
 
 
 class FaceAligner:
@@ -154,7 +217,11 @@ class FaceAligner:
         pad_mode: ``edge`` (replicate), ``reflect`` or ``constant`` (black).
         detector: ``mtcnn``, ``haar`` or ``auto`` (MTCNN when importable, else Haar).
         on_no_face: ``keep`` the original (centre square, resized) or ``drop`` it (None).
-        min_confidence: MTCNN face probability below which a detection is ignored.
+        min_score: detector score below which a detection is ignored (MTCNN's face
+            probability; the Haar fallback scores every detection 1.0).
+        min_face_px: smallest face kept, as the shorter side of its box in the input
+            image's pixels (16: below that no face can be read at any model input size).
+        min_confidence: the old name of ``min_score`` (kept for stored settings).
         min_face_frac: smallest face searched, as a fraction of the padded image's shorter
             side (MTCNN's ``min_face_size``); larger is faster. 0.1 suits photos with
             one main face; lower it for group photos.
@@ -162,6 +229,9 @@ class FaceAligner:
             is taken from the full-resolution image.
         border: how the warp fills outside the image: ``constant`` (black, as InsightFace)
             or ``edge`` (replicated).
+        crop: the template the five points are warped onto: ``arcface`` (the papers'
+            aligned crop, what the shard writer makes) or ``chip`` (where UTKFace's chips
+            have them: :func:`chip_template`, for models trained on chips as they ship).
     """
 
     def __init__(
@@ -173,10 +243,13 @@ class FaceAligner:
         pad_mode: Literal["edge", "reflect", "constant"] = "edge",
         detector: Detector = "auto",
         on_no_face: OnNoFace = "keep",
-        min_confidence: float = 0.9,
+        min_score: float = 0.9,
+        min_face_px: float = 16.0,
+        min_confidence: float | None = None,
         min_face_frac: float = 0.1,
         max_side: int = 640,
         border: Literal["edge", "constant"] = "constant",
+        crop: Crop = "arcface",
     ) -> None:
         if output_size < 16:
             raise ValueError(f"output_size={output_size} is too small (use >= 16)")
@@ -188,6 +261,14 @@ class FaceAligner:
             raise ValueError(f"pad_mode={pad_mode!r}: use one of {sorted(_BORDERS)}")
         if border not in ("edge", "constant"):
             raise ValueError(f"border={border!r}: use 'edge' or 'constant'")
+        if crop not in ("arcface", "chip"):
+            raise ValueError(f"crop={crop!r}: use 'arcface' or 'chip'")
+        if min_confidence is not None:
+            min_score = min_confidence
+        if not 0.0 <= min_score <= 1.0 or min_face_px < 0:
+            raise ValueError(
+                f"min_score={min_score} must lie in [0, 1] and min_face_px={min_face_px} be >= 0"
+            )
         if not 0 <= pad <= 2 or margin < 0:
             raise ValueError(f"pad={pad} must lie in [0, 2] and margin={margin} be >= 0")
         if detector == "mtcnn" and not mtcnn_available():
@@ -201,11 +282,16 @@ class FaceAligner:
         self.pad_mode = pad_mode
         self.detector = detector
         self.on_no_face = on_no_face
-        self.min_confidence = float(min_confidence)
+        self.min_score = float(min_score)
+        self.min_face_px = float(min_face_px)
         self.min_face_frac = float(min_face_frac)
         self.max_side = int(max_side)
         self.border = border
-        self.template = template(self.output_size, self.margin)
+        self.crop = crop
+        if crop == "chip":
+            self.template = chip_template(self.output_size, self.margin)
+        else:
+            self.template = template(self.output_size, self.margin)
         self._counts = {"detected": 0, "no_face_kept": 0, "no_face_dropped": 0}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -225,7 +311,8 @@ class FaceAligner:
     def __repr__(self) -> str:
         return (
             f"FaceAligner(output_size={self.output_size}, margin={self.margin}, pad={self.pad}, "
-            f"detector={self.detector!r}, on_no_face={self.on_no_face!r})"
+            f"detector={self.detector!r}, on_no_face={self.on_no_face!r}, "
+            f"min_score={self.min_score}, min_face_px={self.min_face_px})"
         )
 
     @property
@@ -270,9 +357,10 @@ class FaceAligner:
         self._local.detector = (os.getpid(), det)
         return det
 
-    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """Find the main face in an RGB uint8 array: ``(box[4], landmarks[5, 2], score)`` in
-        the array's coordinates, or None. Pads, downsizes, detects, maps coordinates back."""
+    def detect_faces(self, rgb: np.ndarray) -> tuple[list[Face], int | None]:
+        """Every face in an RGB uint8 array with score >= ``min_score`` and shorter side >=
+        ``min_face_px`` (the array's coordinates), largest first, and the index of the main
+        face (None when there is none). One detector call: pad, downsize, detect, map back."""
         h, w = rgb.shape[:2]
         shrink = min(1.0, self.max_side / max(h, w))
         small = rgb
@@ -282,91 +370,119 @@ class FaceAligner:
         p = round(self.pad * max(small.shape[:2]))
         if p > 0:
             small = cv2.copyMakeBorder(small, p, p, p, p, _BORDERS[self.pad_mode], value=0)
-        found = self._detect_mtcnn(small) if self.backend == "mtcnn" else self._detect_haar(small)
-        if found is None:
-            return None
-        box, pts, score = found
-        box = (box - p) / shrink
-        pts = (pts - p) / shrink
-        return box, pts, score
+        min_side = self.min_face_px * shrink  # the smallest face kept, in detection pixels
+        if self.backend == "mtcnn":
+            boxes, points, scores = self._detect_mtcnn(small, min_side)
+        else:
+            boxes, points, scores = self._detect_haar(small, min_side)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        keep = (scores >= self.min_score) & (sides / shrink >= self.min_face_px)
+        boxes, points, scores = boxes[keep], points[keep], scores[keep]
+        if len(boxes) == 0:
+            return [], None
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        order = np.argsort(-area, kind="stable")  # largest first, detector order on ties
+        boxes, points, scores, area = boxes[order], points[order], scores[order], area[order]
+        main = 0
+        if self.backend == "mtcnn":
+            # the main face: largest, slightly favouring the centre (dataset crops are
+            # centred); measured in the padded detection image, as it always was
+            hh, ww = small.shape[:2]
+            ctr = np.stack(
+                [
+                    (boxes[:, 0] + boxes[:, 2]) / 2 - ww / 2,
+                    (boxes[:, 1] + boxes[:, 3]) / 2 - hh / 2,
+                ],
+                1,
+            )
+            off = (ctr**2).sum(1) / max(hh, ww) ** 2
+            main = int(np.argmax(area * (1.0 - off)))
+        faces = [
+            Face(box=(b - p) / shrink, landmarks=(pt - p) / shrink, score=float(sc))
+            for b, pt, sc in zip(boxes, points, scores)
+        ]
+        return faces, main
 
-    def _detect_mtcnn(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    def detect(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """The main face of an RGB uint8 array (:meth:`detect_faces`' choice):
+        ``(box[4], landmarks[5, 2], score)`` in the array's coordinates, or None."""
+        faces, main = self.detect_faces(rgb)
+        if main is None:
+            return None
+        face = faces[main]
+        return face.box, face.landmarks, face.score
+
+    def _detect_mtcnn(
+        self, rgb: np.ndarray, min_side: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every MTCNN detection: boxes (N, 4), landmarks (N, 5, 2), probabilities (N,)."""
         import torch
 
         det = self._get_detector()
-        det.min_face_size = max(12, int(self.min_face_frac * min(rgb.shape[:2])))
+        det.min_face_size = max(12, int(self.min_face_frac * min(rgb.shape[:2])), int(min_side))
         with torch.inference_mode():
             boxes, probs, points = det.detect(np.ascontiguousarray(rgb), landmarks=True)
         if boxes is None or len(boxes) == 0:
-            return None
-        boxes = np.asarray(boxes, np.float64)
-        probs = np.asarray(probs, np.float64)
-        points = np.asarray(points, np.float64)
-        keep = probs >= self.min_confidence
-        if not keep.any():
-            return None
-        boxes, probs, points = boxes[keep], probs[keep], points[keep]
-        # the main face: largest, slightly favouring the centre (dataset crops are centred)
-        hh, ww = rgb.shape[:2]
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        ctr = np.stack(
-            [(boxes[:, 0] + boxes[:, 2]) / 2 - ww / 2, (boxes[:, 1] + boxes[:, 3]) / 2 - hh / 2], 1
+            return np.zeros((0, 4)), np.zeros((0, 5, 2)), np.zeros(0)
+        return (
+            np.asarray(boxes, np.float64).reshape(-1, 4),
+            np.asarray(points, np.float64).reshape(-1, 5, 2),
+            np.asarray(probs, np.float64).reshape(-1),
         )
-        off = (ctr**2).sum(1) / max(hh, ww) ** 2
-        i = int(np.argmax(area * (1.0 - off)))
-        return boxes[i], points[i], float(probs[i])
 
-    def _detect_haar(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    def _detect_haar(
+        self, rgb: np.ndarray, min_side: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every Haar face: boxes, landmarks (eyes from the eye cascade, the rest placed from
+        the eyes), and a score of 1.0 each (see :class:`Face`)."""
         face_cc, eye_cc = self._get_detector()
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         hh, ww = gray.shape
-        min_side = max(20, int(self.min_face_frac * min(hh, ww)))
+        smallest = max(20, int(self.min_face_frac * min(hh, ww)), int(min_side))
         faces = face_cc.detectMultiScale(
-            gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)
+            gray, scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest)
         )
         if len(faces) == 0:
-            return None
-        x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
-        box = np.array([x, y, x + fw, y + fh], np.float64)
-        # eyes: search the upper half of the face box, one on each side of its centre
-        roi = gray[y : y + fh // 2 + fh // 10, x : x + fw]
-        eyes = eye_cc.detectMultiScale(
-            roi, scaleFactor=1.1, minNeighbors=4, minSize=(fw // 10, fw // 10)
-        )
-        left = [e for e in eyes if e[0] + e[2] / 2 < fw / 2]
-        right = [e for e in eyes if e[0] + e[2] / 2 >= fw / 2]
-        if left and right:
-            le = max(left, key=lambda e: e[2] * e[3])
-            re_ = max(right, key=lambda e: e[2] * e[3])
-            eye_l = np.array([x + le[0] + le[2] / 2, y + le[1] + le[3] / 2])
-            eye_r = np.array([x + re_[0] + re_[2] / 2, y + re_[1] + re_[3] / 2])
-        else:  # typical eye positions inside an OpenCV frontal-face box
-            eye_l = np.array([x + 0.31 * fw, y + 0.40 * fh])
-            eye_r = np.array([x + 0.69 * fw, y + 0.40 * fh])
-        return box, _five_from_eyes(eye_l, eye_r), 1.0
+            return np.zeros((0, 4)), np.zeros((0, 5, 2)), np.zeros(0)
+        boxes = np.array([[x, y, x + fw, y + fh] for x, y, fw, fh in faces], np.float64)
+        points = np.stack([_haar_landmarks(gray, eye_cc, *map(int, f)) for f in faces])
+        return boxes, points, np.ones(len(faces))
 
     # -- the public calls
     def align(self, image: Image.Image) -> AlignResult:
-        """Align one PIL image (any mode; converted to RGB)."""
+        """Align the main face of one PIL image (any mode; converted to RGB)."""
         rgb = np.asarray(image.convert("RGB"))
-        found = self.detect(rgb)
-        if found is None:
+        faces, main = self.detect_faces(rgb)
+        if main is None:
             if self.on_no_face == "drop":
                 self._count("no_face_dropped")
                 return AlignResult(image=None, found=False, detector=self.backend)
             self._count("no_face_kept")
             return AlignResult(image=self._keep(image), found=False, detector=self.backend)
-        box, pts, score = found
-        crop, m = self.warp(rgb, pts)
         self._count("detected")
+        return self._aligned(rgb, faces[main], main)
+
+    def align_all(self, image: Image.Image) -> list[AlignResult]:
+        """Every face of one PIL image, largest first, each warped exactly as :meth:`align`
+        warps the main face; an empty list when there is none (``on_no_face`` is the
+        single-face policy: a photo without a face has no faces, not a kept centre crop)."""
+        rgb = np.asarray(image.convert("RGB"))
+        faces, _ = self.detect_faces(rgb)
+        for _ in faces:
+            self._count("detected")
+        return [self._aligned(rgb, face, i) for i, face in enumerate(faces)]
+
+    def _aligned(self, rgb: np.ndarray, face: Face, index: int) -> AlignResult:
+        crop, m = self.warp(rgb, face.landmarks)
         return AlignResult(
             image=crop,
             found=True,
-            box=[float(v) for v in box],
-            landmarks=pts,
-            score=score,
+            box=[float(v) for v in face.box],
+            landmarks=face.landmarks,
+            score=face.score,
             matrix=m,
             detector=self.backend,
+            index=index,
         )
 
     def warp(self, rgb: np.ndarray, landmarks: np.ndarray) -> tuple[Image.Image, np.ndarray]:
@@ -401,9 +517,39 @@ class FaceAligner:
         res = self.align(decode_image(data))
         if res.image is None:
             return None, res
-        buf = io.BytesIO()
-        res.image.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), res
+        return _jpeg(res.image, quality), res
+
+    def align_all_bytes(self, data: bytes, *, quality: int = 95) -> list[tuple[bytes, AlignResult]]:
+        """Encoded image in, every face's JPEG crop out (as :meth:`align_bytes` encodes
+        the main one), largest first."""
+        return [(_jpeg(r.image, quality), r) for r in self.align_all(decode_image(data))]
+
+
+def _jpeg(image: Image.Image | None, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)  # type: ignore[union-attr]
+    return buf.getvalue()
+
+
+def _haar_landmarks(gray: np.ndarray, eye_cc: Any, x: int, y: int, fw: int, fh: int) -> np.ndarray:
+    """Five points for one Haar face box: the eye cascade in the upper half of the box, one
+    eye on each side of its centre (typical positions when either is missing), nose and
+    mouth placed from the eyes (:func:`_five_from_eyes`)."""
+    roi = gray[y : y + fh // 2 + fh // 10, x : x + fw]
+    eyes = eye_cc.detectMultiScale(
+        roi, scaleFactor=1.1, minNeighbors=4, minSize=(fw // 10, fw // 10)
+    )
+    left = [e for e in eyes if e[0] + e[2] / 2 < fw / 2]
+    right = [e for e in eyes if e[0] + e[2] / 2 >= fw / 2]
+    if left and right:
+        le = max(left, key=lambda e: e[2] * e[3])
+        re_ = max(right, key=lambda e: e[2] * e[3])
+        eye_l = np.array([x + le[0] + le[2] / 2, y + le[1] + le[3] / 2])
+        eye_r = np.array([x + re_[0] + re_[2] / 2, y + re_[1] + re_[3] / 2])
+    else:  # typical eye positions inside an OpenCV frontal-face box
+        eye_l = np.array([x + 0.31 * fw, y + 0.40 * fh])
+        eye_r = np.array([x + 0.69 * fw, y + 0.40 * fh])
+    return _five_from_eyes(eye_l, eye_r)
 
 
 def _five_from_eyes(eye_l: np.ndarray, eye_r: np.ndarray) -> np.ndarray:

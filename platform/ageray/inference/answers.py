@@ -23,15 +23,29 @@ field                 meaning
 ``*_label``           its name (``ageray.data.labels``: male/female; white, black, asian,
                       indian, other) and
 ``*_probs``           the class probabilities, in the order of those names
-``face_found/box``    alignment only: whether a face was detected and its box
+``face_found/box``    detection only: whether a face was detected and its box [x0, y0, x1,
+                      y1] in the original image's pixels
+``face_index``        the face's place in its image, largest first (0..n-1; None: no
+                      detection ran)
+``face_landmarks``    10 floats: x, y of the left eye, right eye, nose, left and right
+                      mouth corner, original pixels
+``face_score``        the detector's confidence (MTCNN's probability; 1.0 from the Haar
+                      fallback, which has none)
+``quality``           None, or a note when the input cannot hold a usable face (a 1x1
+                      image still gets an age, but not one to trust)
 ``distribution``      the routed distribution over ages 0..K-1 (on request)
-``error``             why the image could not be used (then every answer field is None)
+``error``             why the image could not be used (then every answer field is None);
+                      ``no_face: ...`` for a photo without a face in ``faces=all``
 ====================  ==================================================================
+
+One row per image, or with ``faces=all`` one row per face (``face_index`` 0..n-1, the same
+``key``), and one ``no_face`` row for a photo without a face: never an age of the background.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,13 +56,23 @@ __all__ = [
     "HEADS",
     "INTERVAL_LEVEL",
     "ROW_FIELDS",
+    "VIDEO_FIELDS",
+    "ImageAnswer",
+    "answer_json",
     "answer_rows",
     "arrow_schema",
     "error_row",
+    "face_json",
+    "flat_json",
+    "image_json",
+    "no_face_row",
     "quantile_ages",
     "rows_to_table",
 ]
 
+#: batch prediction's video columns (``ageray.inference.video``, ``.tracking``): in the
+#: Parquet schema only, None for photos
+VIDEO_FIELDS = ("frame_index", "timestamp_s", "track_id", "age_smoothed")
 HEADS = ("vanilla", "balanced")
 INTERVAL_LEVEL = 0.9
 ROW_FIELDS = (
@@ -72,6 +96,10 @@ ROW_FIELDS = (
     "race_probs",
     "face_found",
     "face_box",
+    "face_index",
+    "face_landmarks",
+    "face_score",
+    "quality",
     "error",
 )
 
@@ -119,6 +147,7 @@ def answer_rows(
     keys: Sequence[str] | None = None,
     sources: Sequence[str | None] | None = None,
     faces: Sequence[Mapping[str, Any] | None] | None = None,
+    qualities: Sequence[str | None] | None = None,
     distribution: bool = False,
     level: float = INTERVAL_LEVEL,
 ) -> list[dict[str, Any]]:
@@ -157,8 +186,8 @@ def answer_rows(
             "key": keys[i] if keys is not None else None,
             "source": sources[i] if sources is not None else None,
             **{k: v[i] for k, v in cols.items()},
-            "face_found": None if face is None else bool(face.get("found")),
-            "face_box": None if face is None else face.get("box"),
+            **face_columns(face),
+            "quality": qualities[i] if qualities is not None else None,
             "error": None,
         }
         if distribution and probs is not None:
@@ -167,11 +196,39 @@ def answer_rows(
     return rows
 
 
-def error_row(key: str, error: str, *, source: str | None = None) -> dict[str, Any]:
+def face_columns(face: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``face_*`` columns of a face dict (``ageray.inference.inputs.face_fields``)."""
+    if face is None:
+        return dict.fromkeys(
+            ("face_found", "face_box", "face_index", "face_landmarks", "face_score")
+        )
+    points = face.get("landmarks")
+    return {
+        "face_found": bool(face.get("found")),
+        "face_box": face.get("box"),
+        "face_index": face.get("index"),
+        "face_landmarks": None if points is None else [float(v) for p in points for v in p],
+        "face_score": face.get("score"),
+    }
+
+
+def error_row(
+    key: str, error: str, *, source: str | None = None, quality: str | None = None
+) -> dict[str, Any]:
     """The row of an image that could not be used: every answer field None, ``error`` says
     why (a row, never a crash)."""
     row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
-    row.update(key=key, source=source, error=error)
+    row.update(key=key, source=source, error=error, quality=quality)
+    return row
+
+
+def no_face_row(
+    key: str, reason: str, *, source: str | None = None, quality: str | None = None
+) -> dict[str, Any]:
+    """A photo without a usable face in ``faces=all``: one row, no answer, ``error``
+    ``no_face: <reason>`` (the detector's limits, or the quality note)."""
+    row = error_row(key, f"no_face: {reason}", source=source, quality=quality)
+    row["face_found"] = False
     return row
 
 
@@ -193,9 +250,14 @@ def arrow_schema(distribution: bool = False) -> Any:
         "race_probs": probs,
         "face_found": pa.bool_(),
         "face_box": probs,
+        "face_index": pa.int64(),
+        "face_landmarks": probs,
+        "quality": pa.string(),
         "error": pa.string(),
     }
     fields = [pa.field(name, types.get(name, f64)) for name in ROW_FIELDS]
+    video = {"frame_index": pa.int64(), "track_id": pa.int64()}
+    fields[-1:-1] = [pa.field(name, video.get(name, f64)) for name in VIDEO_FIELDS]
     if distribution:
         fields.insert(len(fields) - 1, pa.field("distribution", pa.list_(pa.float32())))
     return pa.schema(fields)
@@ -215,3 +277,134 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], *, distribution: bool = Fal
                 v = np.asarray(v, dtype=np.float32)
             data[name].append(v)
     return pa.Table.from_pydict(data, schema=schema)
+
+
+# --------------------------------------------------------------------------- JSON
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def answer_json(row: Mapping[str, Any], *, distribution: bool = False) -> dict[str, Any]:
+    """One answer row as the JSON Serve, the page and ``ageray predict --json`` show:
+    ``{"age", "head", "heads": {name: {"age", "kl"}}, "interval": {"level", "low", "high"},
+    "rule"}`` plus ``gender`` / ``race`` (``{"label", "index", "probs"}``) for multi-task
+    models and ``distribution`` (probabilities over ages 0..K-1) on request."""
+    out: dict[str, Any] = {
+        "age": float(row["age"]),
+        "head": row["head"],
+        "heads": {
+            name: {"age": _num(row.get(f"age_{name}")), "kl": _num(row.get(f"kl_{name}"))}
+            for name in HEADS
+            if row.get(f"age_{name}") is not None
+        },
+        "interval": None
+        if row.get("age_low") is None
+        else {
+            "level": INTERVAL_LEVEL,
+            "low": float(row["age_low"]),
+            "high": float(row["age_high"]),
+        },
+        "rule": row.get("rule"),
+    }
+    for group in ("gender", "race"):
+        if row.get(group) is not None:
+            out[group] = {
+                "label": row.get(f"{group}_label"),
+                "index": int(row[group]),
+                "probs": list(row[f"{group}_probs"]),
+            }
+    if distribution:
+        probs = row.get("distribution")
+        out["distribution"] = None if probs is None else [float(p) for p in np.asarray(probs)]
+    return out
+
+
+def face_json(row: Mapping[str, Any], *, distribution: bool = False) -> dict[str, Any]:
+    """One face's answer in ``faces=all``: where it is (``index``, ``box``, ``landmarks`` as
+    five [x, y] pairs, the detector's ``score``), then :func:`answer_json`."""
+    pts = row.get("face_landmarks")
+    return {
+        "index": row.get("face_index"),
+        "box": row.get("face_box"),
+        "landmarks": None if pts is None else [[pts[i], pts[i + 1]] for i in range(0, len(pts), 2)],
+        "score": _num(row.get("face_score")),
+        **answer_json(row, distribution=distribution),
+    }
+
+
+def image_json(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    width: int | None,
+    height: int | None,
+    reason: str | None = None,
+    distribution: bool = False,
+) -> dict[str, Any]:
+    """One photo's answer in ``faces=all``: ``{"faces": [face_json...], "reason", "image":
+    {"width", "height"}}``; when ``faces`` is empty ``reason`` says why: ``reason`` as
+    given when it names the detector's limits (``no face with score >= S and size >= M px
+    found``), else ``no face found: <reason>`` (the image's quality note)."""
+    faces = [face_json(r, distribution=distribution) for r in rows if r.get("error") is None]
+    why = None
+    if not faces:
+        reason = reason or "no face found"
+        why = reason if reason.startswith("no face") else f"no face found: {reason}"
+    return {
+        "faces": faces,
+        "reason": why,
+        "image": {"width": width, "height": height},
+    }
+
+
+@dataclass
+class ImageAnswer:
+    """One image's answer rows: one per face (``faces=all``; none when the photo has no
+    face, then ``reason`` says why), or exactly one (``faces=largest``). ``error``: the
+    image could not be used (``rows`` then holds its error row). ``faces`` are the face
+    dicts the rows were made from (``ageray.inference.inputs.face_fields``)."""
+
+    key: str
+    mode: str
+    rows: list[dict[str, Any]]
+    faces: list[dict[str, Any] | None] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    reason: str | None = None
+    quality: str | None = None
+    error: str | None = None
+
+    def to_json(self, *, distribution: bool = False) -> dict[str, Any]:
+        """Serve's shape without ``model``/``timing_ms``: ``faces=all`` gives
+        :func:`image_json`; ``faces=largest`` the flat :func:`answer_json` with ``face``
+        (when detection ran) and ``quality`` (when set)."""
+        if self.mode == "all":
+            return image_json(
+                self.rows,
+                width=self.width,
+                height=self.height,
+                reason=self.reason,
+                distribution=distribution,
+            )
+        return flat_json(
+            self.rows[0],
+            face=self.faces[0] if self.faces else None,
+            quality=self.quality,
+            distribution=distribution,
+        )
+
+
+def flat_json(
+    row: Mapping[str, Any],
+    *,
+    face: Mapping[str, Any] | None = None,
+    quality: str | None = None,
+    distribution: bool = False,
+) -> dict[str, Any]:
+    """The single answer of ``faces=largest``: :func:`answer_json`, ``face`` when detection
+    ran, ``quality`` when the image cannot hold a usable face."""
+    out = answer_json(row, distribution=distribution)
+    if face is not None:
+        out["face"] = dict(face)
+    if quality is not None:
+        out["quality"] = quality
+    return out

@@ -29,8 +29,10 @@ __all__ = [
     "BatchWorker",
     "ParquetSink",
     "PredictSummary",
+    "carry_video_columns",
     "cpu_count",
     "describe_items",
+    "face_mode",
     "read_parquet",
 ]
 
@@ -51,6 +53,7 @@ class BatchWorker:
         distribution: bool = False,
         threads: int | None = 1,
         rule: str | None = None,
+        faces: str = "largest",
     ) -> None:
         if threads:
             import torch
@@ -71,21 +74,63 @@ class BatchWorker:
         )
         self.distribution = distribution
         self.rule = rule
+        self.faces = faces
 
     def __call__(self, batch: Any) -> Any:
         from ageray.inference import rows_to_table
 
         cols = batch.to_pydict() if hasattr(batch, "to_pydict") else dict(batch)
-        rows = self.predictor.predict(
-            cols["image"],
-            keys=[str(k) for k in cols["key"]],
-            sources=list(cols["source"]),
-            errors=list(cols["error"]),
-            rule=self.rule,
-            distribution=self.distribution,
-            batch_size=max(1, len(cols["key"])),
-        )
+        rows: list[dict[str, Any]] = []
+        for idx, frames in split_frames(cols):
+            # a video's frames always answer every face: the tracker follows them all
+            faces = "all" if frames else self.faces
+            rows += self.predictor.predict(
+                [cols["image"][i] for i in idx],
+                keys=[str(cols["key"][i]) for i in idx],
+                sources=[cols["source"][i] for i in idx],
+                errors=[cols["error"][i] for i in idx],
+                rule=self.rule,
+                distribution=self.distribution,
+                batch_size=max(1, len(idx)),
+                faces=faces,
+            )
+        carry_video_columns(cols, rows)
         return rows_to_table(rows, distribution=self.distribution)
+
+
+def split_frames(cols: Mapping[str, Any]) -> list[tuple[list[int], bool]]:
+    """A read batch's rows as (indices, are video frames): photos first, then frames (rows
+    with a ``frame_index``); groups that would be empty are left out."""
+    n = len(cols["key"])
+    marks = cols.get("frame_index") or [None] * n
+    photos = [i for i in range(n) if marks[i] is None]
+    frames = [i for i in range(n) if marks[i] is not None]
+    return [(idx, flag) for idx, flag in ((photos, False), (frames, True)) if idx]
+
+
+def carry_video_columns(cols: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A sampled video frame's ``frame_index`` and ``timestamp_s`` (set by
+    ``sources.read_item``) onto its answer rows, which share its key (one row per face)."""
+    if "frame_index" not in cols:
+        return
+    frames = {
+        str(k): (f, t)
+        for k, f, t in zip(cols["key"], cols["frame_index"], cols["timestamp_s"])
+        if f is not None
+    }
+    for row in rows if frames else ():
+        hit = frames.get(str(row["key"]))
+        if hit is not None:
+            row["frame_index"], row["timestamp_s"] = int(hit[0]), float(hit[1])
+
+
+def face_mode(faces: str, items: Iterable[Mapping[str, Any]]) -> str:
+    """``jobs.predict --faces``: ``auto`` is ``all`` (a row per face) for image files and
+    tar archives, which hold photos, and ``largest`` (a row per file) when every input is
+    shards: a dataset's faces, answered exactly as evaluation reads them."""
+    if faces != "auto":
+        return faces
+    return "largest" if all(i.get("kind") == "shard" for i in items) else "all"
 
 
 @dataclass
@@ -163,10 +208,13 @@ class ParquetSink:
         self._writer = self._stack.enter_context(pq.ParquetWriter(fh, self.schema))
         return self
 
-    def write(self, table: Any) -> None:
+    def write(self, table: Any, *, count: bool = True) -> None:
+        """Append ``table``; ``count=False`` for rows already counted when they arrived
+        (a video's rows, held for tracking: the summary's rates are of arrival)."""
         table = table.cast(self.schema) if table.schema != self.schema else table
         self._writer.write_table(table)
-        self.summary.add(table)
+        if count:
+            self.summary.add(table)
 
     def write_all(self, tables: Iterable[Any]) -> PredictSummary:
         for table in tables:
@@ -193,7 +241,7 @@ def describe_items(items: list[Mapping[str, Any]]) -> str:
     kinds: Counter = Counter()
     for item in items:
         kinds[item["kind"]] += len(item.get("urls", ())) or 1
-    names = {"files": "image files", "tar": "tar archives", "shard": "shards"}
+    names = {"files": "image files", "tar": "tar archives", "shard": "shards", "video": "videos"}
     return ", ".join(f"{n:,} {names[k]}" for k, n in kinds.items())
 
 

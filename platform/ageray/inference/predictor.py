@@ -25,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from .answers import answer_rows, error_row
-from .inputs import InputSpec, Prepared, make_aligner, prepare_image
+from .answers import ImageAnswer, answer_rows, error_row, no_face_row
+from .inputs import (
+    InputSpec,
+    Prepared,
+    PreparedImage,
+    make_aligner,
+    make_face_aligner,
+    prepare_faces,
+    prepare_image,
+)
 
 __all__ = ["ImagePredictor"]
 
@@ -46,6 +54,7 @@ class ImagePredictor:
 
     def __post_init__(self) -> None:
         self._data_cfg = self.spec.data_config()
+        self._face_aligner: Any | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -99,6 +108,36 @@ class ImagePredictor:
             data_cfg=self._data_cfg,
         )
 
+    def prepare_faces(
+        self,
+        data: bytes,
+        name: str = "image",
+        *,
+        faces: str = "largest",
+        decode: Callable[[bytes, str, int], Any] | None = None,
+    ) -> PreparedImage:
+        """Step 1 per face: every face's tensor (``faces="all"``: detected, cropped as
+        :mod:`ageray.inference.inputs` says) or the one image's (``"largest"``, exactly
+        :meth:`prepare`). Raises on unusable bytes; a photo without a face is no error."""
+        return prepare_faces(
+            data,
+            self.spec,
+            mode=faces,  # type: ignore[arg-type]
+            name=name,
+            aligner=self.aligner,
+            face_aligner=self.face_aligner if faces == "all" else None,
+            decode=decode,
+            data_cfg=self._data_cfg,
+        )
+
+    @property
+    def face_aligner(self) -> Any:
+        """The detector and crop of ``faces=all`` (built on first use: the detector loads
+        lazily per thread, so this is cheap and safe to share)."""
+        if self._face_aligner is None:
+            self._face_aligner = make_face_aligner(self.spec)
+        return self._face_aligner
+
     def forward(self, x: Any, rule: str | None = None) -> dict[str, np.ndarray]:
         """Step 2: a (B, 3, S, S) batch -> named outputs (numpy)."""
         return self.backend(x, rule)
@@ -111,6 +150,7 @@ class ImagePredictor:
         keys: Sequence[str] | None = None,
         sources: Sequence[str | None] | None = None,
         faces: Sequence[dict[str, Any] | None] | None = None,
+        qualities: Sequence[str | None] | None = None,
         distribution: bool = False,
     ) -> list[dict[str, Any]]:
         """Step 3: named outputs -> answer rows (``ageray.inference.answers``)."""
@@ -120,6 +160,7 @@ class ImagePredictor:
             keys=keys,
             sources=sources,
             faces=faces,
+            qualities=qualities,
             distribution=distribution,
         )
 
@@ -134,44 +175,91 @@ class ImagePredictor:
         rule: str | None = None,
         distribution: bool = False,
         batch_size: int = 64,
+        faces: str = "largest",
     ) -> list[dict[str, Any]]:
-        """Bytes -> one row per image, in order. An image that cannot be decoded (or whose
-        ``errors`` entry is already set, e.g. an unreadable file) becomes an error row."""
+        """Bytes -> answer rows, in order: one per image (``faces="largest"``), or one per
+        face and one ``no_face`` row per photo without a face (``faces="all"``). An image
+        that cannot be decoded (or whose ``errors`` entry is already set, e.g. an
+        unreadable file) becomes an error row."""
+        answers = self.predict_images(
+            images,
+            keys=keys,
+            sources=sources,
+            errors=errors,
+            rule=rule,
+            distribution=distribution,
+            batch_size=batch_size,
+            faces=faces,
+        )
+        return [row for answer in answers for row in answer.rows]
+
+    def predict_images(
+        self,
+        images: Sequence[bytes | None],
+        *,
+        keys: Sequence[str] | None = None,
+        sources: Sequence[str | None] | None = None,
+        errors: Sequence[str | None] | None = None,
+        rule: str | None = None,
+        distribution: bool = False,
+        batch_size: int = 64,
+        faces: str = "largest",
+    ) -> list[ImageAnswer]:
+        """Bytes -> one :class:`~ageray.inference.answers.ImageAnswer` per image. Every face
+        of every image goes into the same forward batches (``batch_size`` faces each), so a
+        group photo costs one detection and one batched forward, not one per face."""
         import torch
 
         n = len(images)
         keys = list(keys) if keys is not None else [f"image-{i}" for i in range(n)]
         srcs = list(sources) if sources is not None else [None] * n
-        out: list[dict[str, Any] | None] = [None] * n
-        good: list[int] = []
-        prepared: dict[int, Prepared] = {}
+        answers: list[ImageAnswer] = []
+        todo: list[tuple[int, int, Prepared]] = []  # (image, face, prepared) to forward
         for i, data in enumerate(images):
             err = errors[i] if errors is not None else None
             if err is None and not data:
                 err = "empty: no image data"
+            prep = None
             if err is None:
                 try:
-                    prepared[i] = self.prepare(bytes(data), keys[i])  # type: ignore[arg-type]
-                    good.append(i)
-                    continue
+                    prep = self.prepare_faces(bytes(data), keys[i], faces=faces)  # type: ignore[arg-type]
                 except Exception as exc:  # any unusable image is a row, never a crash
                     err = describe_error(exc)
-            out[i] = error_row(keys[i], err, source=srcs[i])
-        for start in range(0, len(good), max(1, int(batch_size))):
-            idx = good[start : start + batch_size]
-            x = torch.stack([prepared[i].tensor for i in idx])
-            outputs = self.forward(x, rule)
+            if prep is None:
+                row = error_row(keys[i], err or "error", source=srcs[i])
+                answers.append(ImageAnswer(keys[i], faces, [row], error=row["error"]))
+                continue
+            answer = ImageAnswer(
+                keys[i],
+                faces,
+                [None] * len(prep.faces),  # type: ignore[list-item]
+                faces=[p.face for p in prep.faces],
+                width=prep.width,
+                height=prep.height,
+                reason=prep.reason,
+                quality=prep.quality,
+            )
+            if not prep.faces:
+                reason = prep.reason or "no face found"
+                answer.rows = [no_face_row(keys[i], reason, source=srcs[i], quality=prep.quality)]
+            answers.append(answer)
+            todo.extend((len(answers) - 1, j, p) for j, p in enumerate(prep.faces))
+        step = max(1, int(batch_size))
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            outputs = self.forward(torch.stack([p.tensor for _, _, p in chunk]), rule)
             rows = self.rows(
                 outputs,
                 rule=rule,
-                keys=[keys[i] for i in idx],
-                sources=[srcs[i] for i in idx],
-                faces=[prepared[i].face for i in idx],
+                keys=[answers[i].key for i, _, _ in chunk],
+                sources=[srcs[i] for i, _, _ in chunk],
+                faces=[p.face for _, _, p in chunk],
+                qualities=[p.quality for _, _, p in chunk],
                 distribution=distribution,
             )
-            for i, row in zip(idx, rows):
-                out[i] = row
-        return out  # type: ignore[return-value]
+            for (i, j, _), row in zip(chunk, rows):
+                answers[i].rows[j] = row
+        return answers
 
 
 def describe_error(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""What batch prediction reads: image files, tar archives of images, ageray shards -- in a
-local folder or under ``s3://`` -- as a list of small work items and, per item, the images.
+"""What batch prediction reads: image files, tar archives of images, ageray shards and video
+files -- in a local folder or under ``s3://`` -- as a list of small work items and, per item,
+the images.
 
 Why two steps: the driver lists cheaply (names only; a tar or a shard is one item, files are
 grouped :data:`FILES_PER_ITEM` to an item) and Ray Data spreads the items over read tasks,
@@ -11,6 +12,12 @@ An image's ``key`` is its path relative to the input (a file), ``<tar name>/<mem
 archive), or the sample key (a shard: members ``<key>.jpg`` + ``<key>.json`` as written by
 ``jobs.make_shards``). A file or tar that cannot be read becomes one row with ``error`` set;
 corrupt image bytes are found later, by the decoder, and become error rows there.
+
+A video (:data:`~ageray.inference.video.VIDEO_EXTENSIONS`) is one item of its own and
+yields one image per sampled frame (:func:`ageray.inference.video.read_frames`, ``fps``
+frames a second), keyed ``<video key>#frame=<index>``, with ``frame_index`` and
+``timestamp_s`` set (None for every other image): the frames go through the one inference
+path like photos, and ``jobs.predict`` follows their faces across frames afterwards.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from typing import Any
 
 from ageray.data import storage
 
+from .video import DEFAULT_FPS, VIDEO_EXTENSIONS, frame_key, is_video
+
 __all__ = [
     "FILES_PER_ITEM",
     "IMAGE_EXTENSIONS",
     "TAR_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "expected_images",
     "list_items",
     "read_item",
 ]
@@ -50,31 +61,42 @@ def _relative(url: str, root: str) -> str:
 
 
 def list_items(
-    source: str, *, splits: list[str] | None = None, files_per_item: int = FILES_PER_ITEM
+    source: str,
+    *,
+    splits: list[str] | None = None,
+    files_per_item: int = FILES_PER_ITEM,
+    fps: float = DEFAULT_FPS,
 ) -> list[dict[str, Any]]:
-    """Work items for ``source``: a folder or ``s3://`` prefix (image files and/or tar
-    archives, or shards with a ``manifest.json``), one tar file, or one image file.
+    """Work items for ``source``: a folder or ``s3://`` prefix (image files, tar archives
+    and/or video files, or shards with a ``manifest.json``), one tar, image or video file.
 
-    Items are ``{"kind": "files", "urls": [...], "root": ...}``, ``{"kind": "tar", "url"}``
-    or ``{"kind": "shard", "url"}``. ``splits`` limits shards to those splits (default:
-    every split in the manifest). Raises FileNotFoundError naming ``source`` when there is
-    nothing to predict.
+    Items are ``{"kind": "files", "urls": [...], "root": ...}``, ``{"kind": "tar", "url"}``,
+    ``{"kind": "shard", "url"}`` or ``{"kind": "video", "url", "root", "fps"}`` (``fps``:
+    frames sampled a second). ``splits`` limits shards to those splits (default: every split
+    in the manifest). Raises FileNotFoundError naming ``source`` when there is nothing to
+    predict, ValueError for an ``fps`` that is not > 0.
     """
+    if not float(fps) > 0:
+        raise ValueError(f"--fps {fps}: frames per second to sample must be > 0 (e.g. 2)")
     src = str(source).rstrip("/") if str(source) not in ("/", "s3://") else str(source)
     if _is_tar(src) and storage.exists(src):
         return [{"kind": "tar", "url": src}]
     if _is_image(src) and storage.exists(src):
         return [{"kind": "files", "urls": [src], "root": _parent(src)}]
+    if is_video(src) and storage.exists(src):
+        return [{"kind": "video", "url": src, "root": _parent(src), "fps": float(fps)}]
     manifest_url = storage.join(src, MANIFEST)
     if storage.exists(manifest_url):
         return _shard_items(src, storage.read_json(manifest_url), splits)
     urls = storage.list_files(src)
     images = [u for u in urls if _is_image(u)]
     tars = [u for u in urls if _is_tar(u)]
-    if not images and not tars:
+    videos = [u for u in urls if is_video(u)]
+    if not images and not tars and not videos:
         raise FileNotFoundError(
-            f"--input {source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}), tar archives "
-            f"or shards (a folder with {MANIFEST}) found there; check the path"
+            f"--input {source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}), tar archives, "
+            f"videos ({', '.join(VIDEO_EXTENSIONS)}) or shards (a folder with {MANIFEST}) "
+            "found there; check the path"
         )
     step = max(1, int(files_per_item))
     items: list[dict[str, Any]] = [
@@ -82,7 +104,28 @@ def list_items(
         for i in range(0, len(images), step)
     ]
     items += [{"kind": "tar", "url": u} for u in tars]
+    items += [{"kind": "video", "url": u, "root": src, "fps": float(fps)} for u in videos]
     return items
+
+
+def expected_images(items: list[dict[str, Any]]) -> int | None:
+    """How many images the items yield (files, plus the sampled frames of local videos, read
+    from their headers), for a progress bar's total; None when unknown beforehand (tar
+    archives and shards are counted only as they are read; videos under ``s3://``)."""
+    from .video import expected_samples, probe
+
+    total = 0
+    for item in items:
+        if item["kind"] == "files":
+            total += len(item["urls"])
+        elif item["kind"] == "video" and not storage.is_s3(item["url"]):
+            try:
+                total += expected_samples(probe(item["url"]), item["fps"])
+            except ValueError:  # not a readable video: its one error row
+                total += 1
+        else:
+            return None
+    return total
 
 
 def _parent(url: str) -> str:
@@ -106,14 +149,33 @@ def _shard_items(
     ]
 
 
-def _row(key: str, source: str, image: bytes | None, error: str | None = None) -> dict[str, Any]:
-    return {"key": key, "source": source, "image": image, "error": error}
+def _row(
+    key: str,
+    source: str,
+    image: bytes | None,
+    error: str | None = None,
+    *,
+    frame_index: int | None = None,
+    timestamp_s: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "source": source,
+        "image": image,
+        "error": error,
+        "frame_index": frame_index,
+        "timestamp_s": timestamp_s,
+    }
 
 
 def read_item(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The images of one work item: ``{"key", "source", "image" (bytes or None),
-    "error" (None or why the bytes could not be read)}``."""
+    "error" (None or why the bytes could not be read), "frame_index", "timestamp_s"
+    (a video's sampled frames; None otherwise)}``."""
     kind = item["kind"]
+    if kind == "video":
+        yield from _read_video(item)
+        return
     if kind == "files":
         for url in item["urls"]:
             key = _relative(url, item["root"])
@@ -150,6 +212,27 @@ def _read_tar(url: str, *, shard: bool) -> Iterator[dict[str, Any]]:
                 yield _row(key, url, data)
     except (OSError, EOFError, tarfile.TarError, ValueError, zlib.error) as exc:
         yield _row(f"{name}/", url, None, f"bad_tar: {url}: {exc}")
+
+
+def _read_video(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A video's sampled frames; one error row (key: the video) when it cannot be read,
+    after the frames read before a failure."""
+    from .video import local_copy, read_frames
+
+    url = item["url"]
+    key = _relative(url, item["root"])
+    try:
+        with local_copy(url) as path:
+            for frame in read_frames(path, fps=item.get("fps", DEFAULT_FPS)):
+                yield _row(
+                    frame_key(key, frame.index),
+                    url,
+                    frame.image,
+                    frame_index=frame.index,
+                    timestamp_s=frame.timestamp_s,
+                )
+    except (OSError, ValueError) as exc:
+        yield _row(key, url, None, f"bad_video: {exc}")
 
 
 def _shard_key(member: str) -> str:

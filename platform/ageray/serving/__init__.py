@@ -53,6 +53,8 @@ _MODEL_NAMES = frozenset(
     {
         "ServedModel",
         "batch_buckets",
+        "build_answers",
+        "build_faces_answer",
         "build_prediction",
         "load_served_model",
         "warmup",
@@ -82,6 +84,8 @@ __all__ = [
     "ServeSettings",
     "ServedModel",
     "batch_buckets",
+    "build_answers",
+    "build_faces_answer",
     "build_prediction",
     "check_auth",
     "check_headers",

@@ -22,13 +22,16 @@ from typing import Any
 
 from PIL import Image
 
-from ageray.inference import HEADS, INTERVAL_LEVEL, ImagePredictor, Prepared
+from ageray.inference import ImagePredictor, Prepared, PreparedImage, flat_json, image_json
+from ageray.inference.answers import face_columns
 from ageray.serving.images import decode_checked
 from ageray.serving.settings import Limits
 
 __all__ = [
     "ServedModel",
     "batch_buckets",
+    "build_answers",
+    "build_faces_answer",
     "build_prediction",
     "load_served_model",
     "warmup",
@@ -114,11 +117,17 @@ class ServedModel:
         """Encoded bytes -> (3, S, S) tensor by the one path's ``prepare`` (alignment as
         trained, draft decode, evaluation's preprocessing), with Serve's header check and
         error codes in its decoder."""
+        return self.predictor.prepare(data, name, decode=_checked_decoder(limits))
 
-        def decode(raw: bytes, what: str, size: int) -> Image.Image:
-            return decode_checked(raw, what, limits, size)
-
-        return self.predictor.prepare(data, name, decode=decode)
+    def model_faces(
+        self, data: bytes, name: str, limits: Limits, faces: str = "all"
+    ) -> PreparedImage:
+        """Encoded bytes -> a (3, S, S) tensor per face (``faces="all"``: every detected
+        face, cropped as the one path crops it) or the one image's (``"largest"``: exactly
+        :meth:`model_input`), by the one path's ``prepare_faces`` with Serve's decoder."""
+        return self.predictor.prepare_faces(
+            data, name, faces=faces, decode=_checked_decoder(limits)
+        )
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Any, rule: str | None = None) -> list[dict[str, Any]]:
@@ -139,6 +148,15 @@ class ServedModel:
             x = torch_cat_zeros(x, size - n)
         outputs = path.forward(x, rule)
         return path.rows(outputs, rule=rule, distribution=True)[:n]
+
+
+def _checked_decoder(limits: Limits) -> Any:
+    """Evaluation's decoder behind Serve's header check (byte and pixel limits, 4xx codes)."""
+
+    def decode(raw: bytes, what: str, size: int) -> Image.Image:
+        return decode_checked(raw, what, limits, size)
+
+    return decode
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -237,51 +255,111 @@ def build_prediction(
     face: Mapping[str, Any] | None = None,
     timing_ms: Mapping[str, float] | None = None,
     batch_size: int | None = None,
+    quality: str | None = None,
 ) -> dict[str, Any]:
-    """One image's answer row (``ServedModel.forward``) as a JSON-ready dict.
+    """One image's answer row (``ServedModel.forward``) as the ``faces=largest`` JSON.
 
     ``{"age", "head", "heads": {name: {"age", "kl"}}, "interval": {"level", "low", "high"},
     "rule", "model": {...}, "timing_ms": {...}}`` plus ``distribution`` (101 probabilities
     over ages 0..100) on request, ``gender`` / ``race`` (``{"label", "index", "probs"}``)
-    for multi-task models, ``face`` when detection ran, and ``batch_size`` (how many images
-    shared the forward pass).
+    for multi-task models, ``face`` when detection ran, ``quality`` when the image cannot
+    hold a usable face, and ``batch_size`` (how many images shared the forward pass). The
+    fields are :func:`ageray.inference.flat_json`'s, the rendering every path shares.
     """
+    out = flat_json(result, face=face, quality=quality, distribution=distribution)
+    return _with_meta(out, served, timing_ms, batch_size)
 
-    def num(v: Any) -> float | None:
-        return None if v is None else float(v)
 
-    out: dict[str, Any] = {
-        "age": float(result["age"]),
-        "head": result["head"],
-        "heads": {
-            name: {"age": num(result.get(f"age_{name}")), "kl": num(result.get(f"kl_{name}"))}
-            for name in HEADS
-            if result.get(f"age_{name}") is not None
-        },
-        "interval": None
-        if result.get("age_low") is None
-        else {
-            "level": INTERVAL_LEVEL,
-            "low": float(result["age_low"]),
-            "high": float(result["age_high"]),
-        },
-        "rule": result.get("rule"),
-        "model": served.model_ref(),
-    }
-    for group in ("gender", "race"):
-        if result.get(group) is not None:
-            out[group] = {
-                "label": result.get(f"{group}_label"),
-                "index": int(result[group]),
-                "probs": list(result[f"{group}_probs"]),
-            }
-    if distribution:
-        probs = result.get("distribution")
-        out["distribution"] = None if probs is None else [float(p) for p in probs.tolist()]
-    if face is not None:
-        out["face"] = dict(face)
+def build_faces_answer(
+    prepared: PreparedImage,
+    results: Sequence[Mapping[str, Any]],
+    served: ServedModel,
+    *,
+    distribution: bool = False,
+    timing_ms: Mapping[str, float] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """One photo's ``faces=all`` JSON: ``{"faces": [{"index", "box", "landmarks", "score",
+    "age", ...}], "reason", "image": {"width", "height"}, "model", "timing_ms",
+    "batch_size"}`` (:func:`ageray.inference.image_json`); ``results`` are the forward's
+    rows of ``prepared.faces``, in order."""
+    rows = [
+        {**row, **face_columns(p.face), "quality": p.quality}
+        for p, row in zip(prepared.faces, results)
+    ]
+    out = image_json(
+        rows,
+        width=prepared.width,
+        height=prepared.height,
+        reason=prepared.reason,
+        distribution=distribution,
+    )
+    return _with_meta(out, served, timing_ms, batch_size)
+
+
+def _with_meta(
+    out: dict[str, Any],
+    served: ServedModel,
+    timing_ms: Mapping[str, float] | None,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    out["model"] = served.model_ref()
     if timing_ms is not None:
         out["timing_ms"] = {k: round(float(v), 3) for k, v in timing_ms.items()}
     if batch_size is not None:
         out["batch_size"] = int(batch_size)
     return out
+
+
+def build_answers(
+    inputs: Sequence[PreparedImage],
+    results: Sequence[tuple[Mapping[str, Any], Mapping[str, float]]],
+    served: ServedModel,
+    *,
+    faces: str,
+    distribution: bool,
+    read_ms: float,
+    total_ms: float,
+) -> list[dict[str, Any]]:
+    """A request's answers, one per image: ``results`` are the forward's ``(row, meta)``
+    for every face of every image, in order (all of a request's faces go through the batch
+    queue together). Timing per image: its decode, the longest queue wait and forward of
+    its faces; ``batch_size`` the largest batch one of its faces shared (0: no face)."""
+    answers: list[dict[str, Any]] = []
+    at = 0
+    for prep in inputs:
+        mine = results[at : at + len(prep.faces)]
+        at += len(prep.faces)
+        metas = [m for _, m in mine]
+        timing = {
+            "read": read_ms,
+            "decode": prep.decode_ms,
+            "queue": max((m["queue_ms"] for m in metas), default=0.0),
+            "forward": max((m["forward_ms"] for m in metas), default=0.0),
+            "total": total_ms,
+        }
+        batch = int(max((m["batch_size"] for m in metas), default=0))
+        if faces == "largest":
+            answers.append(
+                build_prediction(
+                    mine[0][0],
+                    served,
+                    distribution=distribution,
+                    face=prep.faces[0].face,
+                    timing_ms=timing,
+                    batch_size=batch,
+                    quality=prep.quality,
+                )
+            )
+        else:
+            answers.append(
+                build_faces_answer(
+                    prep,
+                    [row for row, _ in mine],
+                    served,
+                    distribution=distribution,
+                    timing_ms=timing,
+                    batch_size=batch,
+                )
+            )
+    return answers

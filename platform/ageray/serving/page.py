@@ -3,9 +3,13 @@
 Why plain files in the package (``ageray/serving/static``): no build step, nothing fetched
 from the internet at run time (a Content-Security-Policy of ``'self'`` only), and a wheel
 install ships them (``pyproject.toml`` package-data). The page calls the same
-``POST /v1/predict?distribution=true`` as any client, so it shows exactly the JSON answer:
-the face box, the age, the head that answered, the 90% interval, the age distribution, gender
-and race when the model has them, and the model version.
+``POST /v1/predict?distribution=true&faces=all`` as any client, so it shows exactly the JSON
+answer: a box on every face with its age beside it (placed in percent of the original image,
+so the boxes follow the displayed size without redrawing), the list of faces (age, 90%
+interval, the head that answered, the detector's score, gender and race when the model has
+them), one face's details with its age distribution (the largest first; a click on a box or
+a line picks another), the answer's ``reason`` when the photo has no face, and the model
+version. A ``faces=largest`` answer (one flat face) is shown as a list of one.
 
 The app's route prefix is only known per request (``root_path``), so ``index.html`` is
 rendered with it: asset and API URLs are absolute under the prefix and work at ``/`` and at

@@ -37,7 +37,8 @@ __all__ = [
 
 RAW_TYPES = ("image/", "application/octet-stream")
 MULTIPART_FIELDS = ("file", "image", "images", "files")
-JSON_KEYS = ("image", "images", "distribution")
+JSON_KEYS = ("image", "images", "distribution", "faces")
+FACE_MODES = ("all", "largest")  # ageray.inference.inputs.FACE_MODES (not imported: no torch)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ParsedRequest:
     images: list[ImagePayload]
     many: bool  # answer {"predictions": [...]} (JSON "images" or several multipart files)
     distribution: bool = False  # JSON body may ask for it too
+    faces: str | None = None  # JSON "faces": all | largest (None: the query's or the default)
 
 
 class ClientDisconnected(Exception):
@@ -235,13 +237,21 @@ def _parse_json(body: bytes, limits: Limits) -> ParsedRequest:
     distribution = doc.get("distribution", False)
     if not isinstance(distribution, bool):
         raise ServeError.invalid_request("JSON field 'distribution' must be a boolean")
+    faces = doc.get("faces")
+    if faces is not None and faces not in FACE_MODES:
+        raise ServeError.invalid_request(
+            f"JSON field 'faces' must be one of {list(FACE_MODES)}, got {faces!r}"
+        )
     if ("image" in doc) == ("images" in doc):
         raise ServeError.invalid_request(
             "send exactly one of 'image' (one base64 string) or 'images' (a list of base64 strings)"
         )
     if "image" in doc:
         return ParsedRequest(
-            [_b64_image(doc["image"], "image", limits)], many=False, distribution=distribution
+            [_b64_image(doc["image"], "image", limits)],
+            many=False,
+            distribution=distribution,
+            faces=faces,
         )
     items = doc["images"]
     if not isinstance(items, list):
@@ -252,7 +262,7 @@ def _parse_json(body: bytes, limits: Limits) -> ParsedRequest:
         raise ServeError.invalid_request("'images' is empty; send at least one image")
     check_count(len(items), limits)
     images = [_b64_image(v, f"images[{i}]", limits) for i, v in enumerate(items)]
-    return ParsedRequest(images, many=True, distribution=distribution)
+    return ParsedRequest(images, many=True, distribution=distribution, faces=faces)
 
 
 _WS = str.maketrans("", "", " \t\r\n")

@@ -1,5 +1,5 @@
-// ageray web page: send a photo to POST <root>/v1/predict?distribution=true and draw the
-// answer. Plain browser JavaScript, no libraries, nothing loaded from elsewhere.
+// ageray web page: send a photo to POST <root>/v1/predict?distribution=true&faces=all and
+// draw the answer: a box with its age on every face, the list of faces, one face's details. Plain browser JavaScript, no libraries, nothing loaded from elsewhere.
 "use strict";
 
 (function () {
@@ -71,24 +71,94 @@
     } catch (e) { /* offline: shown when a photo is sent */ }
   }
 
-  // ------------------------------------------------------------------ drawing
-  let image = null; // the decoded photo (ImageBitmap or HTMLImageElement)
+  // ------------------------------------------------------------------ the photo and its faces
+  let photoUrl = null; // object URL of the photo on show (revoked when the next one comes)
 
-  function drawPhoto(face) {
-    const canvas = $("photo");
-    if (!image) return;
-    const w = image.width, h = image.height;
-    const scale = Math.min(1, 640 / Math.max(w, h));
-    canvas.width = Math.round(w * scale);
-    canvas.height = Math.round(h * scale);
-    const ctx = canvas.getContext("2d");
-    ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
-    if (face && face.box && face.box.length === 4) {
-      const [x0, y0, x1, y1] = face.box.map((v) => v * scale);
-      ctx.lineWidth = Math.max(2, canvas.width / 160);
-      ctx.strokeStyle = face.found === false ? "#d97706" : "#16a34a";
-      ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  function showPhoto(file) {
+    if (photoUrl) URL.revokeObjectURL(photoUrl);
+    photoUrl = URL.createObjectURL(file);
+    const img = $("photo");
+    img.hidden = false;
+    img.onerror = () => { img.hidden = true; }; // not decodable here (e.g. HEIC): boxes only
+    img.src = photoUrl;
+  }
+
+  // The answer's faces. `faces=all` (the default) answers {"faces": [...], "reason", "image"};
+  // a `faces=largest` answer is one flat face (its box under "face").
+  function facesOf(answer) {
+    if (Array.isArray(answer.faces)) return answer.faces;
+    const face = answer.face || {};
+    return [Object.assign({}, answer, { index: 0, box: face.box, guess: face.found === false })];
+  }
+
+  function imageSize(answer) {
+    const img = $("photo");
+    if (answer.image && answer.image.width && answer.image.height) {
+      return [answer.image.width, answer.image.height];
     }
+    return [img.naturalWidth || 1, img.naturalHeight || 1];
+  }
+
+  // Boxes are positioned in percent of the original image, so they follow the displayed
+  // size of the <img> (any window width, a rotated phone) without redrawing.
+  function drawBoxes(answer, faces) {
+    const layer = $("boxes");
+    layer.textContent = "";
+    const [W, H] = imageSize(answer);
+    faces.forEach((face, n) => {
+      if (!face.box || face.box.length !== 4) return;
+      const [x0, y0, x1, y1] = face.box;
+      const box = document.createElement("div");
+      box.className = "box" + (face.guess ? " guess" : "");
+      box.dataset.face = String(n);
+      box.style.left = (100 * x0 / W) + "%";
+      box.style.top = (100 * y0 / H) + "%";
+      box.style.width = (100 * (x1 - x0) / W) + "%";
+      box.style.height = (100 * (y1 - y0) / H) + "%";
+      const tag = document.createElement("span");
+      tag.className = "tag" + (y0 / H < 0.08 ? " inside" : "") + ((x0 + x1) / 2 / W > 0.7 ? " right" : "");
+      tag.textContent = ageText(face.age);
+      box.appendChild(tag);
+      box.addEventListener("click", () => pick(n));
+      layer.appendChild(box);
+    });
+  }
+
+  function ageText(age) { return typeof age === "number" ? age.toFixed(1) : "?"; }
+
+  function ivText(iv) {
+    return iv ? Math.round(iv.level * 100) + "% interval: " + iv.low.toFixed(0) + "–" + iv.high.toFixed(0) + " years" : "";
+  }
+
+  function headText(face) {
+    const heads = face.heads || {};
+    const other = Object.keys(heads).filter((h) => h !== face.head)
+      .map((h) => h + " said " + heads[h].age.toFixed(1)).join(", ");
+    return (face.head || "–") + (other ? " (" + other + ")" : "");
+  }
+
+  function listFaces(faces) {
+    const list = $("faces");
+    list.textContent = "";
+    $("faces-title").textContent = faces.length === 1 ? "1 face" : faces.length + " faces";
+    faces.forEach((face, n) => {
+      const li = document.createElement("li");
+      li.className = "face";
+      li.dataset.face = String(n);
+      li.tabIndex = 0;
+      const parts = [ageText(face.age) + " years"];
+      const iv = ivText(face.interval);
+      if (iv) parts.push(iv);
+      parts.push("head: " + headText(face));
+      if (typeof face.score === "number") parts.push("score " + face.score.toFixed(3));
+      const g = classText(face.gender, GENDERS), r = classText(face.race, RACES);
+      if (g) parts.push(g);
+      if (r) parts.push(r);
+      li.textContent = parts.join(" · ");
+      li.addEventListener("click", () => pick(n));
+      li.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") pick(n); });
+      list.appendChild(li);
+    });
   }
 
   function drawChart(dist, answer) {
@@ -149,55 +219,60 @@
     if (show) $(id).textContent = text;
   }
 
-  let lastAnswer = null;
+  let lastFaces = [], picked = 0;
 
-  function show(answer) {
-    lastAnswer = answer;
+  // One face's details (the largest first): the big age, its facts and its distribution.
+  function pick(n) {
+    const face = lastFaces[n];
+    if (!face) return;
+    picked = n;
+    document.querySelectorAll("[data-face]").forEach((el) => {
+      el.classList.toggle("picked", el.dataset.face === String(n));
+    });
+    $("face-title").textContent = lastFaces.length > 1 ? "Face " + (n + 1) + " of " + lastFaces.length : "";
+    $("age").textContent = ageText(face.age);
+    $("interval").textContent = ivText(face.interval);
+    $("head").textContent = headText(face);
+    $("rule").textContent = face.rule || "–";
+    setFact("score", typeof face.score === "number" ? face.score.toFixed(3) : null);
+    setFact("gender", classText(face.gender, GENDERS));
+    setFact("race", classText(face.race, RACES));
+    drawChart(face.distribution, face);
+  }
+
+  function show(answer, name) {
+    lastFaces = facesOf(answer);
     $("result").hidden = false;
-    $("age").textContent = answer.age.toFixed(1);
-    const iv = answer.interval;
-    $("interval").textContent = iv
-      ? Math.round(iv.level * 100) + "% interval: " + iv.low.toFixed(0) + "–" + iv.high.toFixed(0) + " years"
-      : "";
-    const heads = answer.heads || {};
-    const other = Object.keys(heads).filter((h) => h !== answer.head)
-      .map((h) => h + " said " + heads[h].age.toFixed(1)).join(", ");
-    $("head").textContent = answer.head + (other ? " (" + other + ")" : "");
-    $("rule").textContent = answer.rule || "–";
-    setFact("gender", classText(answer.gender, GENDERS));
-    setFact("race", classText(answer.race, RACES));
     $("model").textContent = modelText(answer.model);
     $("model-version").textContent = modelText(answer.model);
     const t = answer.timing_ms;
     $("timing").textContent = t ? Math.round(t.total) + " ms on the server" : "–";
-    drawPhoto(answer.face);
-    drawChart(answer.distribution, answer);
+    drawBoxes(answer, lastFaces);
+    listFaces(lastFaces);
+    const none = lastFaces.length === 0;
+    const noface = $("noface");
+    noface.hidden = !none;
+    noface.textContent = none
+      ? "No face found in " + (name || "the photo") + ": " + (answer.reason || "the detector found none") +
+        ". Try a photo where the faces are larger, frontal and well lit."
+      : "";
+    $("picked").hidden = none;
+    $("chart-figure").hidden = none;
+    $("faces-title").parentElement.hidden = none;
+    if (!none) pick(0);
   }
 
   // ------------------------------------------------------------------ sending
-  async function decodeForPreview(file) {
-    try {
-      if (window.createImageBitmap) return await createImageBitmap(file);
-    } catch (e) { /* not decodable here (e.g. HEIC): the server decides */ }
-    return await new Promise((resolve) => {
-      const img = new Image();
-      img.onload = () => resolve(img);
-      img.onerror = () => resolve(null);
-      img.src = URL.createObjectURL(file);
-    });
-  }
-
   async function send(file) {
     if (!file) return;
     showError("");
-    status("Estimating the age of " + (file.name || "the photo") + " …");
-    image = await decodeForPreview(file);
+    status("Estimating the ages in " + (file.name || "the photo") + " …");
     // multipart with the file's name, so an error message names the file the person chose
     const form = new FormData();
     form.append("file", file, file.name || "photo");
     let resp;
     try {
-      resp = await fetch(ROOT + "/v1/predict?distribution=true", {
+      resp = await fetch(ROOT + "/v1/predict?distribution=true&faces=all", {
         method: "POST",
         headers: headers(),
         body: form,
@@ -213,7 +288,8 @@
     }
     const answer = await resp.json();
     status("");
-    show(answer);
+    showPhoto(file);
+    show(answer, file.name);
   }
 
   for (const id of ["file", "camera"]) {
@@ -236,7 +312,7 @@
     send(f);
   });
   window.addEventListener("resize", () => { // keep the chart sharp at the new width
-    if (lastAnswer) drawChart(lastAnswer.distribution, lastAnswer);
+    if (lastFaces[picked]) drawChart(lastFaces[picked].distribution, lastFaces[picked]);
   });
   loadModel();
 })();
