@@ -427,8 +427,7 @@ WILDCARDS = ("*", "0.0.0.0", "::")
 RAY_WILDCARD_LISTENERS = (
     "gcs_server",
     "raylet",
-    "ray::DashboardA",  # ss shows the first 15 characters of a process name
-    "ray::IDLE",
+    "ray::*",  # every Ray worker and actor process (its core worker's gRPC server)
     "python",  # the dashboard's and the autoscaler monitor's Prometheus exporters
 )
 
@@ -443,13 +442,19 @@ def _is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
+def _named(name: str, patterns: set[str]) -> bool:
+    """``name`` is one of ``patterns`` (a trailing ``*`` matches any rest)."""
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
 def off_loopback(
     sockets: Iterable[Socket], pids: Iterable[int], *, wildcard_ok: Iterable[str] = ()
 ) -> list[Socket]:
     """Sockets of ``pids`` with an address off loopback: a connection whose either end is
     not on 127.0.0.0/8 (or ::1), or a listener on an address that is not loopback. A
     wildcard listener (``*``, ``0.0.0.0``) also answers on the interface address, so it
-    counts as off loopback unless its process name is in ``wildcard_ok``."""
+    counts as off loopback unless its process name is in ``wildcard_ok`` (``ray::*``: any
+    name with that prefix)."""
     wanted, allowed = set(pids), set(wildcard_ok)
     bad = []
     for s in sockets:
@@ -457,7 +462,7 @@ def off_loopback(
             continue
         local, peer = _host(s.local), _host(s.peer)
         if s.state == "LISTEN":
-            ok = _is_loopback(local) or (local in WILDCARDS and s.name in allowed)
+            ok = _is_loopback(local) or (local in WILDCARDS and _named(s.name, allowed))
         else:
             ok = _is_loopback(local) and _is_loopback(peer)
         if not ok:

@@ -100,3 +100,6 @@ def test_off_loopback_flags_interface_addresses_and_unexpected_wildcards() -> No
     ]
     assert lc.off_loopback(socks, [13, 14]) == []  # only the pids asked about
     assert [s.local for s in lc.off_loopback(socks, [11])] == ["*:4001"]
+    actor = lc.parse_ss('LISTEN 0 128 *:13812 *:* users:(("ray::ActorLocat",pid=20,fd=3))')
+    assert lc.off_loopback(actor, [20], wildcard_ok=lc.RAY_WILDCARD_LISTENERS) == []
+    assert lc.off_loopback(actor, [20], wildcard_ok=("raylet",)) == actor
