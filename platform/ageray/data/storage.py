@@ -42,8 +42,11 @@ __all__ = [
     "DEFAULT_MULTIPART_CHUNKSIZE",
     "DEFAULT_MULTIPART_THRESHOLD",
     "S3RangeReader",
+    "StorageUnreachable",
     "atomic_write",
     "basename",
+    "bucket_name_problem",
+    "endpoint_url",
     "exists",
     "is_s3",
     "join",
@@ -55,6 +58,7 @@ __all__ = [
     "s3_client",
     "sha256",
     "split_s3",
+    "unreachable_cause",
     "upload_file",
     "write_bytes",
     "write_json",
@@ -89,7 +93,47 @@ def split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ValueError(f"{url!r} has no bucket; expected s3://bucket/prefix")
+    if "@" not in bucket:  # credentials in a URL are redaction's business, not a bucket
+        problem = bucket_name_problem(bucket)
+        if problem:
+            raise ValueError(
+                f"{url!r}: {bucket!r} is not a valid S3 bucket name: {problem}. S3 bucket "
+                "names are 3-63 characters of lowercase letters, digits, '.' and '-', "
+                "starting and ending with a letter or digit; use such a name"
+            )
     return bucket, key
+
+
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def bucket_name_problem(bucket: str) -> str | None:
+    """Which S3 bucket-naming rule ``bucket`` breaks, or ``None``.
+
+    Checked here, before any request, because S3 answers a bad name with a bare
+    ``InvalidBucketName`` (or, on some servers, a misleading ``NoSuchBucket``) that names
+    neither the bucket nor the rule. These are AWS's rules for every bucket created since
+    2018, which S3-compatible servers (SeaweedFS, MinIO) enforce too.
+    """
+    if not 3 <= len(bucket) <= 63:
+        return f"it is {len(bucket)} characters long (3 to 63 allowed)"
+    bad = sorted(set(bucket) - _BUCKET_CHARS)
+    if bad:
+        return f"it contains {''.join(bad)!r} (only lowercase letters, digits, '.' and '-')"
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        return "it must start and end with a lowercase letter or a digit"
+    if ".." in bucket:
+        return "it has two adjacent periods"
+    parts = bucket.split(".")
+    if len(parts) == 4 and all(p.isdigit() for p in parts):
+        return "it is formatted as an IP address"
+    for prefix in ("xn--", "sthree-", "amzn-s3-demo-"):
+        if bucket.startswith(prefix):
+            return f"it starts with the reserved prefix {prefix!r}"
+    for suffix in ("-s3alias", "--ol-s3", "--x-s3", ".mrap", "--table-s3"):
+        if bucket.endswith(suffix):
+            return f"it ends with the reserved suffix {suffix!r}"
+    return None
 
 
 def join(base: str | os.PathLike[str], *parts: str) -> str:
@@ -151,6 +195,82 @@ def s3_client() -> Any:
 
 def _client_error_code(exc: BaseException) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class StorageUnreachable(ConnectionError):
+    """The S3 endpoint did not answer (refused, reset, timed out) after botocore's retries.
+
+    A ``ConnectionError`` (so an ``OSError``): callers that already handle I/O errors keep
+    working, and one that wants to wait for the server can tell this case apart."""
+
+
+def endpoint_url() -> str:
+    """The S3 endpoint this process talks to (``AWS_ENDPOINT_URL[_S3]`` or AWS's)."""
+    return str(s3_client().meta.endpoint_url)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import botocore.exceptions as be
+
+    return (be.ConnectionError, be.HTTPClientError)
+
+
+def _unreachable(
+    exc: BaseException, url: str, action: str, after: str | None = None
+) -> StorageUnreachable:
+    """An error that names the endpoint, the object and what to do; for writes it says that
+    nothing was committed (uploads are atomic), so re-running is safe."""
+    endpoint = endpoint_url()
+    if after is None:
+        after = (
+            "nothing was written under that name (S3 shows an object only once its upload "
+            "completes); re-run the same command when it answers"
+            if action == "writing"
+            else "re-run when it answers"
+        )
+    return StorageUnreachable(
+        f"{action} {url} failed: the S3 endpoint {endpoint} does not answer "
+        f"({type(exc).__name__}: {exc}). Check that the S3 server is running and reachable "
+        f"and that AWS_ENDPOINT_URL points at it; {after}"
+    )
+
+
+# How an unreachable S3 endpoint reads in errors that are not botocore's: pyarrow's S3
+# file system (Ray Train's checkpoints) and worker tracebacks that Ray hands on as text.
+_UNREACHABLE_TEXT = (
+    "AWS Error NETWORK_CONNECTION",
+    "curlCode: 7",
+    "Could not connect to the endpoint URL",
+    "StorageUnreachable",
+)
+
+
+def unreachable_cause(
+    exc: BaseException, url: str, action: str, *, after: str | None = None
+) -> StorageUnreachable | None:
+    """The :class:`StorageUnreachable` (naming the endpoint) to raise instead of ``exc`` when
+    ``exc`` says the S3 endpoint did not answer, else ``None``.
+
+    Why text too: a Ray Train worker's error reaches the driver as a ``WorkerGroupError``
+    whose message is the worker's traceback, and pyarrow's S3 errors are plain ``OSError``s
+    that name neither the endpoint URL nor a fix.
+    """
+    if not is_s3(url):
+        return None
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    text = []
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (StorageUnreachable, *_connection_errors())):
+            return _unreachable(cur, url, action, after)
+        seen.add(id(cur))
+        text.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    blob = "\n".join(text)
+    if any(mark in blob for mark in _UNREACHABLE_TEXT):
+        line = next(ln for ln in blob.splitlines()[::-1] if any(m in ln for m in _UNREACHABLE_TEXT))
+        return _unreachable(ConnectionError(line.strip()[-300:]), url, action, after)
+    return None
 
 
 def _translate(exc: Exception, url: str) -> Exception:
@@ -324,7 +444,8 @@ class S3RangeReader(io.RawIOBase):
                         f"{self.url}: reading failed at byte {self._pos} of "
                         f"{self._size if self._size is not None else '?'} after "
                         f"{self.retries} retries ({type(exc).__name__}: {exc}); check the "
-                        "network/endpoint or raise data.s3_retries"
+                        f"network and the S3 endpoint {self.client.meta.endpoint_url}, or "
+                        "raise data.s3_retries"
                     ) from exc
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random() / 2
@@ -409,6 +530,8 @@ def exists(url: str | os.PathLike[str]) -> bool:
         if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return False
         raise _translate(exc, url) from exc
+    except _connection_errors() as exc:
+        raise _unreachable(exc, url, "checking") from exc
 
 
 def list_files(url: str | os.PathLike[str], suffix: str = "") -> list[str]:
@@ -437,6 +560,8 @@ def list_files(url: str | os.PathLike[str], suffix: str = "") -> list[str]:
                     out.append(f"s3://{bucket}/{obj['Key']}")
     except botocore.exceptions.ClientError as exc:
         raise _translate(exc, url) from exc
+    except _connection_errors() as exc:
+        raise _unreachable(exc, url, "listing") from exc
     return sorted(out)
 
 
@@ -454,6 +579,8 @@ def remove(url: str | os.PathLike[str]) -> None:
         s3_client().delete_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as exc:
         raise _translate(exc, url) from exc
+    except _connection_errors() as exc:
+        raise _unreachable(exc, url, "deleting") from exc
 
 
 def sha256(url: str | os.PathLike[str], *, retries: int = 5) -> str:
@@ -497,6 +624,8 @@ def upload_file(
         if isinstance(cause, botocore.exceptions.ClientError):
             raise _translate(cause, url) from exc
         raise OSError(f"uploading {local_path} to {url} failed: {exc}") from exc
+    except _connection_errors() as exc:
+        raise _unreachable(exc, url, "writing") from exc
 
 
 @contextlib.contextmanager

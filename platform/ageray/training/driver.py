@@ -243,10 +243,30 @@ def run_stage_on_ray(
     )
     trainer = _trainer(cfg, stage, spec, metric, mode, [watch, *(callbacks or [])])
     t0 = time.time()
-    result = trainer.fit()
+    result = _fit(trainer, cfg, stage)
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}") from result.error
     return _hand_over(cfg, stage, result, metric, mode, fit_time_s=time.time() - t0)
+
+
+def _fit(trainer, cfg: Config, stage: str):
+    """``trainer.fit()``; an S3 outage (which reads as a worker traceback) is raised as the
+    storage error that names the endpoint and what to do."""
+    from ageray.data import storage
+
+    try:
+        return trainer.fit()
+    except Exception as exc:  # an S3 outage reads as a worker traceback; say what it is
+        down = storage.unreachable_cause(
+            exc,
+            ray_storage(cfg),
+            f"{stage}: saving or restoring checkpoints under",
+            after="the run stops at its last registered checkpoint; re-run the same command "
+            "when the endpoint answers and it resumes from there",
+        )
+        if down is None:
+            raise
+        raise down from exc
 
 
 def _finished_stage(cfg: Config, stage: str, *, fresh: bool) -> StageResult | None:
