@@ -231,7 +231,9 @@ def node_env(cluster: Cluster, node: NodeSpec, base: Mapping[str, str], bin_dir:
     writes is not on another's disk), this venv first on PATH (a job's ``python``), and no
     address of another cluster."""
     # No PYTHONPATH either: a node has no checkout, a job brings its code (--working-dir).
-    drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+    # Nor Ray's single-node switch (``driver.loopback_only``): these nodes need their IPs.
+    drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+            "PYTHONPATH", "VIRTUAL_ENV")  # fmt: skip
     env = {k: v for k, v in base.items() if k not in drop}
     env.update(
         RAY_AUTH_MODE="token",

@@ -55,12 +55,14 @@ def test_commands_head_and_worker(tmp_path) -> None:
 
 def test_node_env_has_token_own_home_tmp_and_no_checkout(tmp_path) -> None:
     c = _plan(tmp_path)
-    base = {"PATH": "/usr/bin", "PYTHONPATH": "/src", "RAY_ADDRESS": "x:1", "KEEP": "1"}
+    base = {"PATH": "/usr/bin", "PYTHONPATH": "/src", "RAY_ADDRESS": "x:1", "KEEP": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
     e1, e2 = (lc.node_env(c, n, base, "/venv/bin") for n in c.nodes[1:])
     assert e1["RAY_AUTH_MODE"] == "token" and e1["RAY_AUTH_TOKEN"] == "t0k"
     assert e1["HOME"] != e2["HOME"] and e1["TMPDIR"] != e2["TMPDIR"]
     assert e1["PATH"].startswith("/venv/bin") and e1["KEEP"] == "1"
     assert "PYTHONPATH" not in e1 and "RAY_ADDRESS" not in e1
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in e1
 
 
 def test_state_round_trips_and_client_env(tmp_path) -> None:
