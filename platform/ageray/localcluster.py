@@ -321,7 +321,7 @@ def join_node(
     bin_dir: str,
     base_env: Mapping[str, str],
     timeout: float = 300.0,
-    attempts: int = 3,
+    attempts: int = 5,
 ) -> None:
     """Start ``node`` and wait until the GCS counts it alive, starting it again when its
     ``ray start`` gave up: Ray waits a fixed 30 s for a new raylet to register, which a
