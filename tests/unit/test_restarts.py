@@ -47,3 +47,16 @@ def test_the_dead_worker_explains_the_failure_not_its_survivor() -> None:
     errs = {0: RuntimeError("gloo: connection reset by peer"), 1: RuntimeError("ActorDiedError")}
     assert pick_failure(errs)[0] == 1
     assert pick_failure({2: ValueError("a"), 0: ValueError("b")})[0] == 0
+
+
+def test_health_check_timing_is_a_setting_handed_to_ray_train() -> None:
+    from ageray.config import load_config
+    from ageray.training.driver import health_check_env
+
+    assert health_check_env(load_config(None, [])) == {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0",
+        "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "600.0",
+    }
+    cfg = load_config(None, ["ray.health_check_timeout_s=900", "ray.health_check_interval_s=5"])
+    assert health_check_env(cfg)["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] == "900.0"
+    assert health_check_env(cfg)["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5.0"
