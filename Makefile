@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ageray-installed
 # torch; its code runs on current torch, so it is installed without its pins.
 FACENET := facenet-pytorch==2.6.0
 
-.PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean s3-up s3-down
+.PHONY: install demo test test-unit test-integration lint format bench gpu-pack clean s3-up s3-down cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	@echo "[ageray] installing into $(VENV): torch, ray, mlflow, timm ... (a few minutes on a fresh machine; pip runs quietly)"
@@ -66,6 +66,14 @@ s3-up: $(STAMP)
 
 s3-down: $(STAMP)
 	$(BIN)/python -m jobs.s3_local down $(ARGS)
+
+# A three-node Ray cluster on loopback (head 127.0.0.10, workers 127.0.0.2 and 127.0.0.3, one
+# CPU each, token auth); state in runs/cluster/state.json. `down` stops only its processes.
+cluster-up: $(STAMP)
+	$(BIN)/python -m jobs.cluster up $(ARGS)
+
+cluster-down: $(STAMP)
+	$(BIN)/python -m jobs.cluster down $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -245,11 +245,9 @@ class TrainConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     # Xing 3.3.3's steps (hybrid_groups, hybrid_ages, hybrid_finetune), stage 1's optimiser
     hybrid_epochs: tuple[int, int, int] = (4, 4, 8)
-    # Backbone weights from jobs.pretrain (a checkpoint folder or .safetensors file).
-    init_from: str | None = None
+    init_from: str | None = None  # backbone weights from jobs.pretrain (folder/.safetensors)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on GPU, off on CPU
-    # torch.compile: a one-off compile per process, worth it for long GPU runs only
-    compile: bool = False
+    compile: bool = False  # torch.compile: one-off per process, for long GPU runs only
     sync_bn: bool = False
     checkpoint_keep: int = 2
     checkpoint_metric: str = "val_mae"
@@ -290,6 +288,8 @@ class RayConfig:
     memory_per_worker_gb: float | None = None  # Ray's "memory" resource per worker (None: none)
     autoscaling: bool | None = None  # None: ask the cluster whether an autoscaler runs
     resource_wait_s: float = 600.0  # waiting for an autoscaler (ageray.training.capacity)
+    health_check_interval_s: float = 2.0  # Ray Train polls its workers this often
+    health_check_timeout_s: float = 600.0  # a worker whose poll hangs longer counts as dead
 
 
 @dataclass

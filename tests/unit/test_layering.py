@@ -52,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LOWER | {"tracking"},  # aliases: moves and lookups through the Tracker
     "promotion": LOWER | {"evaluation", "report", "registry", "tracking"},  # jobs.promote's rule
     "crossval": LOWER | {"metrics", "report"},  # folds' reports -> mean, spread, pooled
+    "localcluster": set(),  # the local multi-node Ray: subprocesses and sockets only
 }
 # Nothing below these may import them.
 TOP = {"tuning", "serving", "cli", "pyfunc_model"}

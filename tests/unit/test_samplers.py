@@ -266,6 +266,17 @@ def test_shuffled_is_a_deterministic_permutation_and_passes_markers() -> None:
     assert list(shuffled(iter(range(5)), 1, random.Random(0))) == list(range(5))
 
 
+def test_shuffled_lets_no_item_of_the_next_pass_overtake_this_one() -> None:
+    # a training stream repeats its share forever; one epoch = one pass = each sample once,
+    # even with a buffer bigger than the pass (the cluster test checks it across ranks)
+    passes = [*range(120), PASS_END, *range(120), PASS_END, *range(50)]
+    out = list(shuffled(iter(passes), 500, random.Random(1), initial=100))
+    first = out[: out.index(PASS_END)]
+    assert sorted(first) == list(range(120)) and first != list(range(120))
+    second = out[out.index(PASS_END) + 1 :]
+    assert sorted(second[: second.index(PASS_END)]) == list(range(120))
+
+
 def test_pass_end_pickles_to_the_same_marker() -> None:
     import pickle
 

@@ -25,6 +25,7 @@ import collections
 import logging
 import multiprocessing
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,6 +115,26 @@ class ShardStream(torch.utils.data.IterableDataset):
 # --------------------------------------------------------------------------------------
 
 
+class ReadTally:
+    """How many training samples this process's latest training iteration yielded, and the
+    sum of their keys' CRC32s: ranks report both per epoch (``RayTrainContext.report``), so
+    a run can prove every sample was read exactly once across all ranks of all nodes (the
+    counts add up to the split's size and the sums to the split's) without shipping keys."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.keysum = 0, 0
+
+    def add(self, keys: list[str]) -> None:
+        self.count += len(keys)
+        self.keysum += sum(zlib.crc32(k.encode()) for k in keys)
+
+
+TRAIN_READS = ReadTally()
+
+
 class ShardLoader:
     """Iterable of batch dicts for one rank; a new iteration starts a new DataLoader.
 
@@ -178,6 +199,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         nw = self.spec.num_workers
+        if self.spec.mode == "train":
+            TRAIN_READS.reset()  # one training iteration = one epoch's reads on this rank
         released = torch.zeros(max(1, nw), dtype=torch.int64).share_memory_()
         self.dataset.released = released
         self.dataset.ring_size = self.prefetch_factor * max(1, nw) + 2
@@ -201,6 +224,8 @@ class ShardLoader:
                     worker, seq = item["__buffer__"]
                     mapped[worker].append(item["image_u8"])
                     released[worker] = seq + 1  # the worker may now reuse that buffer
+                if self.spec.mode == "train":
+                    TRAIN_READS.add(item["key"])
                 yield batch
                 produced += 1
                 if self.steps is not None and produced >= self.steps:

@@ -266,8 +266,10 @@ def shuffled(
     """Buffered shuffle (as webdataset's ``shuffle``) with an explicit RNG for determinism.
 
     Output starts after ``initial`` items; the buffer then grows by one item every second
-    read up to ``bufsize``. :data:`PASS_END` markers pass straight through. ``bufsize <= 1``
-    passes items unchanged.
+    read up to ``bufsize``. At a :data:`PASS_END` marker the buffer is emitted (shuffled)
+    before the marker, so no item of the next pass overtakes one of this pass: an epoch that
+    is one pass over a rank's share reads each of its samples exactly once, even with a
+    buffer larger than the share. ``bufsize <= 1`` passes items unchanged.
     """
     if bufsize <= 1:
         yield from items
@@ -277,6 +279,9 @@ def shuffled(
     grow = False
     for item in items:
         if item is PASS_END:
+            rng.shuffle(buf)
+            yield from buf
+            buf, grow = [], False
             yield item
             continue
         buf.append(item)

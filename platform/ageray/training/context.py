@@ -100,7 +100,22 @@ class RayTrainContext:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report({**metrics, **self.whereabouts()}, checkpoint=ckpt)
+
+    def whereabouts(self) -> dict[str, Any]:
+        """Where this rank runs and what it read this epoch (its node's IP, the training
+        samples its loader yielded and their key checksum, ``ageray.data.loader.ReadTally``).
+        Read by the driver's :class:`~ageray.training.restarts.StageWatch`: which nodes a
+        run's workers are on, and that an epoch read each sample exactly once."""
+        import ray
+
+        from ageray.data.loader import TRAIN_READS
+
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "read_samples": TRAIN_READS.count,
+            "read_keysum": TRAIN_READS.keysum,
+        }
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

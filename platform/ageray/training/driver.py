@@ -26,8 +26,10 @@ from ageray.training.plans import STAGE_METRICS, StageSpec
 
 __all__ = [
     "StageResult",
+    "health_check_env",
     "init_ray",
     "local_run_dir",
+    "loopback_only",
     "process_group_backend",
     "run_stage_on_ray",
     "storage_args",
@@ -74,6 +76,7 @@ def init_ray(cfg: Config, *, verbose: bool | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, **quiet)
     else:
+        loopback_only()
         ray.init(
             address="local",
             num_cpus=cfg.ray.num_cpus or os.cpu_count() or 2,
@@ -86,6 +89,25 @@ def init_ray(cfg: Config, *, verbose: bool | None = None) -> None:
         from ageray.training.console import install_console_filter
 
         install_console_filter()
+
+
+def loopback_only() -> None:
+    """Make the local Ray that this process is about to start bind to 127.0.0.1 only.
+
+    Why this way: Ray replaces a node IP of 127.0.0.1 (even one given as
+    ``_node_ip_address``) with the machine's interface address, where its GCS, raylet and
+    agents then listen and advertise. Ray 2.60 keeps 127.0.0.1 when
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the single-node mode it uses on laptops): the
+    node IP stays 127.0.0.1 and every server binds there. Ray reads the flag once, when it
+    is imported, so it is set both in the environment (the processes Ray starts) and in the
+    already-imported constant. A single-node Ray only: a cluster's nodes need their own IPs.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # another Ray layout: the environment variable alone must do
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def verbose_from_env() -> bool:
@@ -196,33 +218,9 @@ def run_stage_on_ray(
     ``callbacks`` are Ray Train ``UserCallback``s for the run, e.g. Tune's
     ``TuneReportCallback`` when a Tune trial drives this stage (each epoch's report then
     reaches Tune's scheduler)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ageray.data import storage
-
-    out_dir = local_run_dir(cfg) / stage
-    result_url = storage.join(ray_storage(cfg), stage, "result.json")
-    if fresh:
-        shutil.rmtree(out_dir, ignore_errors=True)  # local storage: Ray's state is in there too
-        for url in storage.list_files(storage.join(ray_storage(cfg), stage)):
-            storage.remove(url)
-    elif storage.exists(result_url):
-        done = storage.read_json(result_url)
-        if not Path(done["model_dir"]).is_dir():  # another node/job: fetch the model
-            done["model_dir"] = str(materialize(done["checkpoint"], out_dir / "model"))
-        print(
-            f"[ageray] {stage}: already finished for run {cfg.run.name!r}; "
-            f"reusing {done['model_dir']} (--fresh retrains)"
-        )
-        return StageResult(
-            stage=stage,
-            model_dir=Path(done["model_dir"]),
-            metrics=done["metrics"],
-            checkpoint=done["checkpoint"],
-            reused=True,
-        )
-
+    done = _finished_stage(cfg, stage, fresh=fresh)
+    if done is not None:
+        return done
     init_ray(cfg)
     cfg = absolutize_paths(cfg)
     metric, mode = _metric_for(stage, cfg)
@@ -235,7 +233,89 @@ def run_stage_on_ray(
         init_backbone=_abs(str(init_backbone)) if init_backbone else None,
         mae_ref=mae_ref,
     )
-    trainer = TorchTrainer(
+    from ageray.training.restarts import stage_watch
+
+    watch = stage_watch(
+        stage=stage,
+        max_failures=cfg.train.max_failures,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
+    trainer = _trainer(cfg, stage, spec, metric, mode, [watch, *(callbacks or [])])
+    t0 = time.time()
+    result = _fit(trainer, cfg, stage)
+    if result.error is not None:
+        raise RuntimeError(f"{stage} failed: {result.error}") from result.error
+    return _hand_over(cfg, stage, result, metric, mode, fit_time_s=time.time() - t0)
+
+
+def _fit(trainer, cfg: Config, stage: str):
+    """``trainer.fit()``; an S3 outage (which reads as a worker traceback) is raised as the
+    storage error that names the endpoint and what to do."""
+    from ageray.data import storage
+
+    try:
+        return trainer.fit()
+    except Exception as exc:  # an S3 outage reads as a worker traceback; say what it is
+        down = storage.unreachable_cause(
+            exc,
+            ray_storage(cfg),
+            f"{stage}: saving or restoring checkpoints under",
+            after="the run stops at its last registered checkpoint; re-run the same command "
+            "when the endpoint answers and it resumes from there",
+        )
+        if down is None:
+            raise
+        raise down from exc
+
+
+def _finished_stage(cfg: Config, stage: str, *, fresh: bool) -> StageResult | None:
+    """The stage's earlier result when it already finished (its ``result.json``), fetching
+    its model when this node lacks it; None when it must train. ``fresh`` clears it."""
+    from ageray.data import storage
+
+    out_dir = local_run_dir(cfg) / stage
+    result_url = storage.join(ray_storage(cfg), stage, "result.json")
+    if fresh:
+        shutil.rmtree(out_dir, ignore_errors=True)  # local storage: Ray's state is in there too
+        for url in storage.list_files(storage.join(ray_storage(cfg), stage)):
+            storage.remove(url)
+        return None
+    if not storage.exists(result_url):
+        return None
+    done = storage.read_json(result_url)
+    if not Path(done["model_dir"]).is_dir():  # another node/job: fetch the model
+        done["model_dir"] = str(materialize(done["checkpoint"], out_dir / "model"))
+    print(
+        f"[ageray] {stage}: already finished for run {cfg.run.name!r}; "
+        f"reusing {done['model_dir']} (--fresh retrains)"
+    )
+    return StageResult(
+        stage=stage,
+        model_dir=Path(done["model_dir"]),
+        metrics=done["metrics"],
+        checkpoint=done["checkpoint"],
+        reused=True,
+    )
+
+
+def health_check_env(cfg: Config) -> dict[str, str]:
+    """Ray Train's worker health checks as the run's settings say (``ray.health_check_*``):
+    how often the controller polls its workers and how long a hanging poll may take before
+    the worker counts as dead. Ray reads them from the environment of the driver, which it
+    hands on to its controller."""
+    return {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(float(cfg.ray.health_check_interval_s)),
+        "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(float(cfg.ray.health_check_timeout_s)),
+    }
+
+
+def _trainer(cfg: Config, stage: str, spec: StageSpec, metric: str, mode: str, callbacks):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.update(health_check_env(cfg))
+    return TorchTrainer(
         train_worker,
         train_loop_config=spec.to_dict(),
         scaling_config=_scaling(cfg),
@@ -248,39 +328,29 @@ def run_stage_on_ray(
                 checkpoint_score_order=mode,
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or []),
+            callbacks=list(callbacks),
             **storage_args(ray_storage(cfg)),
         ),
     )
-    t0 = time.time()
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # an S3 outage reads as a worker traceback; say what it is
-        down = storage.unreachable_cause(
-            exc,
-            ray_storage(cfg),
-            f"{stage}: saving or restoring checkpoints under",
-            after="the run stops at its last registered checkpoint; re-run the same command "
-            "when the endpoint answers and it resumes from there",
-        )
-        if down is None:
-            raise
-        raise down from exc
-    if result.error is not None:
-        raise RuntimeError(f"{stage} failed: {result.error}") from result.error
+
+
+def _hand_over(cfg: Config, stage: str, result, metric: str, mode: str, *, fit_time_s: float):
+    """The best checkpoint as the stage's local ``model/`` folder and its ``result.json``."""
+    from ageray.data import storage
+
     best = _best(result, metric, mode)
     if best is None:
         raise RuntimeError(f"{stage} reported no checkpoint; nothing to hand on")
     ckpt, metrics = best
-    model_dir = out_dir / "model"
+    model_dir = local_run_dir(cfg) / stage / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     ckpt.to_directory(str(model_dir))
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    metrics["fit_time_s"] = time.time() - t0
+    metrics["fit_time_s"] = fit_time_s
     # The checkpoint's URI in storage is what other nodes and later jobs start from.
     uri = f"s3://{ckpt.path}" if cfg.run.storage_path.startswith("s3://") else ckpt.path
     out = StageResult(stage=stage, model_dir=model_dir, metrics=metrics, checkpoint=uri)
-    storage.write_json(result_url, out.to_dict())
+    storage.write_json(storage.join(ray_storage(cfg), stage, "result.json"), out.to_dict())
     return out
 
 
