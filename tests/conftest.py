@@ -68,6 +68,9 @@ def ray_local() -> Iterator[None]:
     """A fresh local Ray sized for a 2-core machine (never joins a `ray start` cluster)."""
     import ray
 
+    from ageray.training.driver import loopback_only
+
+    loopback_only()  # 127.0.0.1 stays 127.0.0.1: nothing of this Ray leaves loopback
     if not ray.is_initialized():
         ray.init(
             address="local",

@@ -221,7 +221,10 @@ def ray_head(workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24)}
     if env is not None:
         env.update(auth)
-    full_env = {**os.environ, **(env or {}), **auth}
+    # A single node: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps node IP 127.0.0.1 and every
+    # server on it (ageray.training.driver.loopback_only); Ray would otherwise rewrite it to
+    # the machine's interface address.
+    full_env = {**os.environ, **(env or {}), **auth, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # A job's `python` is this venv's, as on a cluster node whose image has ageray installed;
     # without it a caller whose PATH lacks the venv (CI) would run jobs on the system python.
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
