@@ -70,13 +70,15 @@ def load(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from exc
 
 
-def setup_logging(verbose_: bool | None = None) -> None:
-    """Logging for a job's process; unless verbose, the quiet console (module docstring).
+def setup_logging(loud: bool | None = None) -> None:
+    """Logging for a job's process; unless ``loud`` (default: ``--verbose`` /
+    ``AGERAY_VERBOSE``, see :func:`verbose`), the quiet console (module docstring).
 
     Call it first thing in ``main``: the environment variables are read when MLflow and
     Ray are imported, and by the Ray processes started later (they inherit them).
     """
-    loud = verbose() if verbose_ is None else verbose_
+    if loud is None:
+        loud = verbose()
     if loud:
         os.environ["AGERAY_VERBOSE"] = "1"
     logging.basicConfig(

@@ -21,22 +21,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from ageray.training.stage_names import HYBRID_STEPS  # no torch at parse time
 from jobs._common import Timer, base_parser, load, require_resources, setup_logging
 
-HYBRID = ("hybrid_groups", "hybrid_ages", "hybrid_finetune")  # ageray.training.plans
 STAGES = {
     "1": ("stage1",),
     "2": ("stage2",),
     "all": ("stage1", "stage2"),
-    "hybrid": HYBRID,
-    **{step: (step,) for step in HYBRID},
+    "hybrid": HYBRID_STEPS,
+    **{step: (step,) for step in HYBRID_STEPS},
 }
 
 
 def stages_for(choice: str, multitask: str) -> tuple[str, ...]:
     """``--stage all`` trains a hybrid net in Xing's three steps (then stage 2)."""
     if choice == "all" and multitask == "hybrid":
-        return (*HYBRID, "stage2")
+        return (*HYBRID_STEPS, "stage2")
     return STAGES[choice]
 
 

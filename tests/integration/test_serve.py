@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 from datagen import make_tiny_model
+from model_predict import predict
 from PIL import Image
 from services import MlflowServer, free_port
 
@@ -246,7 +247,7 @@ def reference(ref: Reference, data: bytes) -> dict[str, Any]:
     """In-process answer: evaluation's decode + preprocess_for_eval, then model.predict
     (image + flip, both heads, AR) on the plainly loaded model; no Serve code involved."""
     x = preprocess_for_eval([decode_image(data, target_size=ref.data_cfg.image_size)], ref.data_cfg)
-    pred = ref.model.predict(x, flip=True, rule="smaller")
+    pred = predict(ref.model, x, flip=True, rule="smaller")
     return {
         "age": float(pred.age[0]),
         "head": "balanced" if int(pred.head[0]) else "vanilla",

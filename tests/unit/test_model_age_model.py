@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_predict import predict
 
 from ageray.config import Config, ModelConfig
 from ageray.model import AgeModel, adaptive_route, age_from_probs, build_model
@@ -178,7 +179,7 @@ def _count_backbone_calls(model: AgeModel) -> list[int]:
 def test_predict_single_head() -> None:
     model = make().train()
     calls = _count_backbone_calls(model)
-    pred = model.predict(images(3))
+    pred = predict(model, images(3))
     assert calls == [6]  # one backbone pass over image + flip
     assert model.training  # mode restored
     assert pred.age.shape == (3,) and pred.probs is not None and pred.probs.shape == (3, 101)
@@ -203,7 +204,7 @@ def test_predict_routes_between_heads() -> None:
         model.heads["balanced"].classifier.weight.mul_(3.0)
     calls = _count_backbone_calls(model)
     x = images(4)
-    pred = model.predict(x)
+    pred = predict(model, x)
     assert calls == [8]
     v, b = pred.heads["vanilla"], pred.heads["balanced"]
     model.eval()
@@ -220,17 +221,17 @@ def test_predict_routes_between_heads() -> None:
     assert torch.allclose(b["kl"].double(), kl_b, atol=1e-6)
     routed = torch.where(choice.bool(), b["age"], v["age"])
     assert torch.allclose(pred.age, routed, atol=1e-4)
-    bigger = model.predict(x, rule="bigger")
+    bigger = predict(model, x, rule="bigger")
     assert torch.equal(bigger.head, 1 - choice) or bool((kl_v == kl_b).any())
 
 
 def test_predict_without_flip_and_regression() -> None:
     model = make(head="linear")
     model.add_balanced_head()
-    pred = model.predict(images(), flip=False)
+    pred = predict(model, images(), flip=False)
     assert pred.head.tolist() == [0, 0] and pred.heads["vanilla"]["kl"] is None
     reg = make(head="linear", formulation="mae", multitask="parallel")
-    pred = reg.predict(images())
+    pred = predict(reg, images())
     assert pred.probs is None and pred.head.tolist() == [0, 0]
     assert pred.gender is not None and pred.gender.shape == (2, 2)
     reg.eval()
@@ -253,13 +254,13 @@ def test_predict_answers_as_the_formulation_says(answer: str) -> None:
         qf = torch.sigmoid(ordinal(x.flip(-1))["vanilla"]["ordinal_logits"])
     q = 0.5 * (q + qf)
     want = (q > 0.5).float().sum(-1) if answer == "paper" else q.sum(-1)
-    assert torch.allclose(ordinal.predict(x).age, want, atol=1e-5)
+    assert torch.allclose(predict(ordinal, x).age, want, atol=1e-5)
     onehot = make(head="linear", formulation="onehot", answer=answer)
-    pred = onehot.predict(x)
+    pred = predict(onehot, x)
     want = pred.probs.argmax(-1).float() if answer == "paper" else age_from_probs(pred.probs)
     assert torch.allclose(pred.age, want, atol=1e-5)
     hybrid = make(head="linear", formulation="ordinal", multitask="hybrid", answer=answer)
-    pred = hybrid.eval().predict(x)
+    pred = predict(hybrid.eval(), x)
     with torch.no_grad():
         a, af = hybrid(x)["vanilla"]["age"], hybrid(x.flip(-1))["vanilla"]["age"]
     assert torch.allclose(pred.age, 0.5 * (a + af), atol=1e-5)
@@ -271,7 +272,7 @@ def test_predict_answers_as_the_formulation_says(answer: str) -> None:
 def test_channels_last_and_backbone_state() -> None:
     model = make(channels_last=True).eval()
     assert model.backbone.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert model.predict(images()).age.shape == (2,)
+    assert predict(model, images()).age.shape == (2,)
     state = model.backbone_state_dict()
     assert "conv1.weight" in state and not any(k.startswith("model.") for k in state)
     other = make(head="linear")
@@ -291,6 +292,6 @@ def test_predict_under_bf16_autocast() -> None:
     model = make()
     model.add_balanced_head()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model.predict(images())
+        pred = predict(model, images())
     assert pred.probs is not None and pred.probs.dtype == torch.float32
     assert torch.isfinite(pred.age).all() and torch.allclose(pred.probs.sum(-1), torch.ones(2))

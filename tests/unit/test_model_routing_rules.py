@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_predict import predict
 
 from ageray.config import Config, ModelConfig
 from ageray.model import (
@@ -301,7 +302,7 @@ def _images(n: int, seed: int) -> torch.Tensor:
 def test_model_routes_by_its_rule_and_round_trips(tmp_path: Path) -> None:
     model, cfg = _two_head_model()
     x, x_new = _images(24, 0), _images(6, 1)
-    pred = model.predict(x)
+    pred = predict(model, x)
     assert pred.rule == "smaller" and pred.features.shape == (24, len(FEATURES))
     assert torch.equal(
         pred.head, (pred.heads["vanilla"]["kl"] >= pred.heads["balanced"]["kl"]).long()
@@ -311,14 +312,14 @@ def test_model_routes_by_its_rule_and_round_trips(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not fitted"):
         model.set_router(make_rule("learned"))
     with pytest.raises(ValueError, match="no fitted 'threshold'"):
-        model.predict(x_new, rule="threshold")
+        predict(model, x_new, rule="threshold")
     threshold, learned = make_rule("threshold"), make_rule("learned", hidden=4, steps=100)
     threshold.fit(pred.features, labels)
     learned.fit(pred.features, labels)
     model.set_router(threshold, serve=False)
     model.set_router(learned)  # serve=True: predict's default from now on
     assert model.routing_rule == "learned"
-    routed = model.predict(x_new)
+    routed = predict(model, x_new)
     assert routed.rule == "learned"
     expected = learned(routed.features)
     assert torch.equal(routed.weight, expected)
@@ -327,10 +328,10 @@ def test_model_routes_by_its_rule_and_round_trips(tmp_path: Path) -> None:
         mix_ages(routed.heads["vanilla"]["age"], routed.heads["balanced"]["age"], expected),
     )
     # Overrides for evaluation: any rule by name, the oracle with labels.
-    smaller = model.predict(x_new, rule="smaller")
+    smaller = predict(model, x_new, rule="smaller")
     assert smaller.rule == "smaller"
     y_new = torch.full((6,), 40.0)
-    oracle = model.predict(x_new, rule="oracle", labels=y_new)
+    oracle = predict(model, x_new, rule="oracle", labels=y_new)
     err = (oracle.age - y_new).abs()
     assert (err <= (routed.heads["vanilla"]["age"] - y_new).abs() + 1e-5).all()
     assert (err <= (routed.heads["balanced"]["age"] - y_new).abs() + 1e-5).all()
@@ -347,12 +348,12 @@ def test_model_routes_by_its_rule_and_round_trips(tmp_path: Path) -> None:
     assert "objective" in info["routing"]["rules"]["learned"]["fit"]
     loaded, _ = load_model(folder)
     assert loaded.routing_rule == "learned"
-    again = loaded.predict(x_new)
+    again = predict(loaded, x_new)
     assert again.rule == "learned"
     assert torch.equal(again.age, routed.age) and torch.equal(again.weight, routed.weight)
     assert torch.equal(loaded.routers["threshold"].tau, threshold.tau)
     assert torch.equal(
-        loaded.predict(x_new, rule="threshold").age, model.predict(x_new, rule="threshold").age
+        predict(loaded, x_new, rule="threshold").age, predict(model, x_new, rule="threshold").age
     )
     # The fitted numbers are in the safetensors file, not in model.json.
     from safetensors.torch import load_file
@@ -379,7 +380,7 @@ def test_model_saved_before_routing_rules_loads_with_eq11(tmp_path: Path) -> Non
     loaded, _ = load_model(folder)
     assert loaded.routing_rule == "smaller" and len(loaded.routers) == 0
     x = _images(4, 2)
-    assert torch.equal(loaded.predict(x).age, model.predict(x).age)
+    assert torch.equal(predict(loaded, x).age, predict(model, x).age)
 
 
 def test_learned_router_is_a_buffer_module() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_tiny_model
+from model_predict import predict
 from PIL import Image
 
 from ageray.config import ModelConfig
@@ -307,7 +308,7 @@ def test_forward_matches_model_predict(served) -> None:
     data = [face_jpeg(96, seed=s) for s in range(5)]
     x = torch.stack([served.model_input(d, "x", LIMITS).tensor for d in data])
     outs = served.forward(x)
-    pred = served.predictor.model.predict(x, flip=True, rule="smaller")
+    pred = predict(served.predictor.model, x, flip=True, rule="smaller")
     for i, out in enumerate(outs):
         assert out["age"] == pytest.approx(float(pred.age[i]), abs=1e-6)
         assert out["head"] == ("balanced" if int(pred.head[i]) else "vanilla")

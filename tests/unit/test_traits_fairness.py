@@ -123,12 +123,19 @@ def test_sections_and_plots(tmp_path: Path) -> None:
 
 
 def test_hybrid_stage_names_agree() -> None:
-    """jobs.train lists the hybrid steps without importing torch at parse time; they must be
-    the training plans' steps, in order."""
-    from ageray.training.plans import HYBRID_STEPS, STAGES
-    from jobs.train import HYBRID, stages_for
+    """jobs.train offers the training plans' hybrid steps, in order, and reads them without
+    importing torch at parse time (from ``ageray.training.stage_names``)."""
+    import subprocess
+    import sys
 
-    assert HYBRID == HYBRID_STEPS and set(HYBRID) <= set(STAGES)
+    from ageray.training.plans import HYBRID_STEPS, STAGES
+    from jobs.train import STAGES as CHOICES
+    from jobs.train import stages_for
+
+    assert CHOICES["hybrid"] == HYBRID_STEPS and set(HYBRID_STEPS) <= set(STAGES)
+    code = "import sys, jobs.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
     assert stages_for("all", "hybrid") == (*HYBRID_STEPS, "stage2")
     assert stages_for("all", "parallel") == ("stage1", "stage2")
     assert stages_for("hybrid_ages", "hybrid") == ("hybrid_ages",)

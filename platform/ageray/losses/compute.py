@@ -228,7 +228,15 @@ def _with_multitask(
     parts: dict[str, Tensor],
     device: torch.device,
 ) -> Tensor:
-    """``total`` plus Xing eq. 12's gender and race terms (or the hybrid group term)."""
+    """``total`` plus Xing eq. 12's gender and race terms (or the hybrid group term).
+
+    Multi-task (``model_cfg.multitask != "none"``, Xing eq. 12): ``alpha * CE_gender +
+    beta * CE_race`` for the logits that are present. For ``hybrid`` with ``group_logits``
+    the race-gender group (``head_out["group_map"][gender, race]``, the head's group set) is
+    trained with CE instead, weighted ``(alpha + beta) / 2``, on samples that belong to a
+    group: the joint CE is ``CE(gender) + CE(race | gender)``, so with ``alpha == beta`` this
+    is eq. 12's weighting.
+    """
     if model_cfg.multitask == "none":
         return total
     if model_cfg.multitask == "hybrid" and head_out.get("group_logits") is not None:
@@ -294,12 +302,7 @@ def compute_loss(
     term to their CE. Regression and ordinal formulations have no distribution for it and
     raise.
 
-    Multi-task (``model_cfg.multitask != "none"``, Xing eq. 12): ``alpha * CE_gender +
-    beta * CE_race`` for the logits that are present. For ``hybrid`` with ``group_logits``
-    the race-gender group (``head_out["group_map"][gender, race]``, the head's group set) is
-    trained with CE instead, weighted ``(alpha + beta) / 2``, on samples that belong to a
-    group: the joint CE is ``CE(gender) + CE(race | gender)``, so with ``alpha == beta`` this
-    is eq. 12's weighting.
+    Multi-task terms (Xing eq. 12): see :func:`_with_multitask`.
 
     Returns ``(loss, parts)``; ``parts`` holds Python floats (``"loss"`` and the terms, e.g.
     ``"kl"``, ``"er"``, ``"loc"``, ``"hol"``, ``"gender"``), read with a single device sync.

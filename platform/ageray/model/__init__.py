@@ -1,7 +1,8 @@
 """The network: timm backbone, Feature Rearrangement, PA heads, the balanced head, routing,
 Xing et al.'s formulations and multi-task nets, and the saved-model format.
 
-Entry points: ``build_model(cfg)`` -> ``AgeModel`` (``forward``, ``predict``, stage 2),
+Entry points: ``build_model(cfg)`` -> ``AgeModel`` (``forward``, stage 2; its answers go
+through ``ageray.inference``), heads by name (``head_registry``: ``@register_head``),
 ``save_model`` / ``load_model``, and two names other code relies on (their shapes are in
 docs/design.md)::
 
@@ -10,7 +11,7 @@ docs/design.md)::
         -> (probs, choice, kl_van, kl_bal)
 
 Routing rules by name (``smaller``, ``bigger``, ``threshold``, ``learned``, ``oracle``):
-``make_rule(name, **settings)``, ``ROUTING_RULES``; ``model.predict(x, rule=...)``.
+``make_rule(name, **settings)``, ``ROUTING_RULES``; ``model.routing_module(name)``.
 """
 
 from .age_model import AgeModel, Prediction, build_model

@@ -3,8 +3,9 @@
 ``build_model(cfg)`` is the one factory (timm style): it checks every shape at construction
 (FR factor vs backbone channels, the projection's input size, multi-task stage maps) so a bad
 recipe fails before any data is read. ``AgeModel.forward`` runs the backbone once and every
-requested head on the same features; ``predict`` implements GLAE's test protocol (image and
-flip in one batch, both heads, Adaptive Routing).
+requested head on the same features; ``_predict`` implements GLAE's test protocol (image and
+flip in one batch, both heads, Adaptive Routing) for the one inference path. Heads are built
+by name from ``head_registry``.
 
 Two-stage training (LAE 2.4 / GLAE III-D): ``add_balanced_head`` deep-copies the vanilla head
 and freezes everything else; the frozen backbone stays in eval mode even under
@@ -47,7 +48,7 @@ Trainable = Literal["head", "classifier"]
 
 @dataclass
 class Prediction:
-    """``predict``'s answer; tensors on the model's device.
+    """``_predict``'s answer (GLAE's test protocol); tensors on the model's device.
 
     ``age`` (B,) the routed answer; ``probs`` (B, K) its flip-averaged distribution (None for
     mse/mae/ordinal); ``head`` (B,) 0 = vanilla, 1 = balanced; ``heads[name]`` = {"age",
@@ -99,7 +100,7 @@ class AgeModel(nn.Module):
         # Fitted routing rules (threshold, learned): buffers saved with the weights. The
         # parameter-free rules (smaller, bigger) are built on demand and never stored.
         self.routers = nn.ModuleDict()
-        self.routing_rule = "smaller"  # what predict() applies by default (GLAE eq. 11)
+        self.routing_rule = "smaller"  # what _predict applies by default (GLAE eq. 11)
 
     # ------------------------------------------------------------------ properties
 
@@ -216,7 +217,7 @@ class AgeModel(nn.Module):
 
     def set_router(self, rule: RoutingRule, *, serve: bool = True) -> None:
         """Attach a fitted rule (stored with the weights); ``serve`` makes it the default
-        rule of ``predict`` (and so of Serve, the pyfunc model and exports)."""
+        rule of the inference path (and so of Serve, the pyfunc model and exports)."""
         if not isinstance(rule, RoutingRule):
             raise TypeError(f"set_router expects a RoutingRule, got {type(rule).__name__}")
         check_servable(rule.name, "AgeModel.set_router")
@@ -279,36 +280,6 @@ class AgeModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def predict(
-        self,
-        images: torch.Tensor,
-        *,
-        flip: bool = True,
-        rule: str | RoutingRule | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> Prediction:
-        """GLAE's test protocol: the images and their horizontal flips in ONE forward pass,
-        every head.
-
-        Per head (distribution formulations): probs = 0.5 * (p + p_flip), age = the
-        expectation of probs, kl = KL(p || p_flip). With a balanced head the answer is
-        routed by ``rule`` (default: the model's ``routing_rule``, "smaller" = GLAE eq. 11
-        unless a fitted rule was made the default; see ``ageray.model.routing``); with one
-        head it is the vanilla head (head 0). ``labels`` are only for the evaluation-only
-        ``oracle`` bound. Without flip there is no KL, so the vanilla head answers.
-        Regression / ordinal formulations: age = mean of the image and flip ages, head 0.
-        Runs in eval mode under ``torch.inference_mode`` and restores the previous mode.
-        """
-        was_training = self.training
-        names = list(self.heads.keys())
-        module = self.routing_module(rule)
-        try:
-            self.eval()
-            with torch.inference_mode():
-                return self._predict(images, names, flip=flip, rule=module, labels=labels)
-        finally:
-            self.train(was_training)
-
     def _predict(
         self,
         images: torch.Tensor,
@@ -318,37 +289,24 @@ class AgeModel(nn.Module):
         rule: RoutingRule,
         labels: torch.Tensor | None = None,
     ) -> Prediction:
-        """The traceable body of ``predict``: Python branches only on the model's structure
-        (heads, formulation, flip), never on data values."""
+        """GLAE's test protocol: the images and their horizontal flips in ONE forward pass,
+        every head in ``names``. The caller sets eval mode and ``torch.inference_mode`` (the
+        one path, ``ageray.inference.ImagePredictor``, does; tests use
+        ``tests/model_predict.py``). Traceable: Python branches only on the model's
+        structure (heads, formulation, flip), never on data values.
+
+        Per head (distribution formulations): probs = 0.5 * (p + p_flip), age = the
+        expectation of probs, kl = KL(p || p_flip). With a balanced head the answer is
+        routed by ``rule`` (``routing_module(name)`` gives it; "smaller" = GLAE eq. 11, see
+        ``ageray.model.routing``); with one head it is the vanilla head (head 0). ``labels``
+        are only for the evaluation-only ``oracle`` bound. Without flip there is no KL, so
+        the vanilla head answers. Regression / ordinal formulations: age = mean of the
+        image and flip ages, head 0.
+        """
         b = images.shape[0]
         batch = torch.cat([images, images.flip(-1)]) if flip else images
         out = self.forward(batch, heads=names, return_local=False)
-
-        def split(both: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return (both[:b], both[b:]) if flip else (both, None)
-
-        def avg(both: torch.Tensor) -> torch.Tensor:
-            a, f = split(both)
-            return a if f is None else 0.5 * (a + f)
-
-        form = self.formulation
-        heads: dict[str, dict[str, torch.Tensor | None]] = {}
-        for name in names:
-            d = out[name]
-            if "logits" in d:
-                heads[name] = head_stats(*split(d["logits"]))
-                # The head's answer (model.answer): the argmax for one-hot as the paper reads
-                # it; the hybrid net's is eq. 13 on its group estimators' answers, per pass.
-                if "group_ages" in d:
-                    heads[name]["age"] = avg(d["age"].float())
-                elif form.argmax:
-                    heads[name]["age"] = form.age_of_probs(heads[name]["probs"])  # type: ignore[arg-type]
-            elif "ordinal_logits" in d and "group_ages" not in d:
-                # flip TTA averages the K-1 probabilities, then counts (or sums) them
-                q = avg(torch.sigmoid(d["ordinal_logits"].float()))
-                heads[name] = {"age": form.age_of_ordinal(q), "probs": None, "kl": None}
-            else:
-                heads[name] = {"age": avg(d["age"].float()), "probs": None, "kl": None}
+        heads = {name: self._head_answer(out[name], b=b, flip=flip) for name in names}
         van = heads["vanilla"]
         age: torch.Tensor = van["age"]  # type: ignore[assignment]
         probs = van["probs"]
@@ -363,11 +321,12 @@ class AgeModel(nn.Module):
             choice = (weight >= 0.5).long()
             routed = {"rule": rule.name, "weight": weight, "features": features}
         gender = race = group = None
-        if "gender_logits" in out["vanilla"]:
-            gender = avg(torch.softmax(out["vanilla"]["gender_logits"].float(), -1))
-            race = avg(torch.softmax(out["vanilla"]["race_logits"].float(), -1))
-        if "group_logits" in out["vanilla"]:
-            group = avg(torch.softmax(out["vanilla"]["group_logits"].float(), -1))
+        van_out = out["vanilla"]
+        if "gender_logits" in van_out:
+            gender = _avg(torch.softmax(van_out["gender_logits"].float(), -1), b, flip)
+            race = _avg(torch.softmax(van_out["race_logits"].float(), -1), b, flip)
+        if "group_logits" in van_out:
+            group = _avg(torch.softmax(van_out["group_logits"].float(), -1), b, flip)
         return Prediction(
             age=age,
             probs=probs,
@@ -378,6 +337,32 @@ class AgeModel(nn.Module):
             group=group,
             **routed,
         )
+
+    def _head_answer(
+        self, d: dict[str, Any], *, b: int, flip: bool
+    ) -> dict[str, torch.Tensor | None]:
+        """One head's flip-averaged answer: its distribution statistics (``head_stats``)
+        and age as the formulation answers (the argmax for one-hot as the paper reads it;
+        the hybrid net's is eq. 13 on its group estimators' answers, per pass); ordinal:
+        the K-1 probabilities averaged, then counted (or summed); regression: the mean age."""
+        form = self.formulation
+        if "logits" in d:
+            logits = d["logits"]
+            answer = head_stats(*((logits[:b], logits[b:]) if flip else (logits, None)))
+            if "group_ages" in d:
+                answer["age"] = _avg(d["age"].float(), b, flip)
+            elif form.argmax:
+                answer["age"] = form.age_of_probs(answer["probs"])  # type: ignore[arg-type]
+            return answer
+        if "ordinal_logits" in d and "group_ages" not in d:
+            q = _avg(torch.sigmoid(d["ordinal_logits"].float()), b, flip)
+            return {"age": form.age_of_ordinal(q), "probs": None, "kl": None}
+        return {"age": _avg(d["age"].float(), b, flip), "probs": None, "kl": None}
+
+
+def _avg(both: torch.Tensor, b: int, flip: bool) -> torch.Tensor:
+    """The mean of the image and flip halves of ``both`` (the images alone without flip)."""
+    return 0.5 * (both[:b] + both[b:]) if flip else both
 
 
 # --------------------------------------------------------------------------------------

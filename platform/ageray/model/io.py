@@ -12,7 +12,7 @@ holds only tensors; the architecture is rebuilt from ``model.json`` by ``build_m
      "heads": ["vanilla", "balanced"],
      "data": {"image_size": 112, "normalize": "imagenet"},
      "align": false,
-     "routing": {"rule": "learned",       # the rule predict() / Serve apply by default
+     "routing": {"rule": "learned",       # the rule inference / Serve apply by default
                  "rules": {"learned": {"settings": {...}, "fit": {...}}}},
      "meta": {...}}
 

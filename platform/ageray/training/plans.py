@@ -27,6 +27,7 @@ from ageray.inference import collect_predictions, merge_predictions, prediction_
 from ageray.training.checkpoint import materialize, unwrap
 from ageray.training.context import WorkerContext, all_gather_objects
 from ageray.training.pretrain import IdentityNet
+from ageray.training.stage_names import HYBRID_STEPS, STAGES
 from ageray.traits import trait_metrics
 
 __all__ = [
@@ -46,9 +47,6 @@ __all__ = [
     "spec_for",
 ]
 
-#: Xing 3.3.3's three-step training of the hybrid net, in order.
-HYBRID_STEPS = ("hybrid_groups", "hybrid_ages", "hybrid_finetune")
-STAGES = ("pretrain", "stage1", "stage2", *HYBRID_STEPS)
 #: The checkpoint metric of a stage whose best epoch is not the best age (step 1 trains only
 #: the group classifier, so its ages are the untrained estimators').
 STAGE_METRICS = {"hybrid_groups": ("val_group_acc", "max")}
