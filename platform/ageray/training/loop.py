@@ -469,7 +469,24 @@ def run_stage(spec: StageSpec | dict[str, Any], ctx: WorkerContext) -> dict[str,
         metrics = _epoch_metrics(run, loader, stats)
         metrics["epoch"] = float(epoch)
         _checkpoint_and_report(run, epoch, global_step, metrics)
+    _flush_metrics(run)
     return metrics
+
+
+def _flush_metrics(run: Any, wait_s: float = 60.0) -> None:
+    """The last epochs' metrics reach MLflow before the stage returns: metrics the tracking
+    server did not take while it was down are held by the run logger and sent with the next
+    call, and after the last epoch there is no next call. Retried for up to ``wait_s``
+    (a server restart takes ~40 s on a loaded node); what is still held then is said."""
+    deadline = time.monotonic() + wait_s
+    while not run.logger.flush() and time.monotonic() < deadline:
+        time.sleep(5.0)
+    if run.logger.held:
+        print(
+            f"[ageray] warning: MLflow did not answer for {wait_s:.0f} s after the last epoch; "
+            f"{run.logger.held} metric values were not logged",
+            file=sys.stderr,
+        )
 
 
 def _quiet_ray_report_log() -> None:
