@@ -105,7 +105,7 @@ def test_predict_writes_a_row_per_face(
     want = load_predictor(model_dir).predict([photo], keys=["family.png"], faces="all")
     for got, w in zip(family, want):
         assert got["face_box"] == w["face_box"]
-        assert got["age"] == pytest.approx(w["age"], abs=1e-5)
+        assert got["age"] == pytest.approx(w["age"], abs=1e-4)  # other batch compositions
 
 
 def test_predict_s3_shards_to_s3_parquet(s3, model_dir: Path, tmp_path: Path) -> None:

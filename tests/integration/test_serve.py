@@ -307,7 +307,7 @@ def test_predict_every_input_form(endpoint: Endpoint, registry: Registry, faces)
     ref_model = registry.refs["1"]
     face = faces[0]
     ref = reference(ref_model, face)
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     with httpx.Client(timeout=30) as c:
         answers = [
             c.post(url, files={"file": ("f.jpg", face, "image/jpeg")}),
@@ -328,7 +328,7 @@ def test_predict_every_input_form(endpoint: Endpoint, registry: Registry, faces)
             }
             assert set(body["timing_ms"]) == {"read", "decode", "queue", "forward", "total"}
             assert "distribution" not in body and "face" not in body
-        r = c.post(url + "?distribution=true", content=face, headers={"content-type": "image/png"})
+        r = c.post(url + "&distribution=true", content=face, headers={"content-type": "image/png"})
         dist = r.json()["distribution"]
         assert len(dist) == 101 and abs(sum(dist) - 1) < 1e-4
         assert np.allclose(dist, ref["probs"].numpy(), atol=1e-5)
@@ -369,6 +369,10 @@ def bad_requests(faces: list[bytes]) -> list[tuple[str, dict[str, Any], int, str
         ("too many images", {"json": {"images": [b64(jpeg)] * 17}}, 413, "too_many_images"),
         ("no file field", {"files": photo}, 422, "missing_image"),
         ("bad query", {"content": jpeg, "headers": raw, "params": {"distribution": "maybe"}}, 422,
+         "invalid_request"),
+        ("bad faces", {"content": jpeg, "headers": raw, "params": {"faces": "some"}}, 422,
+         "invalid_request"),
+        ("bad faces field", {"json": {"image": b64(jpeg), "faces": "most"}}, 422,
          "invalid_request"),
     ]  # fmt: skip
 
@@ -493,7 +497,7 @@ def test_fuzz_never_5xx_and_valid_answers_match(endpoint: Endpoint, registry: Re
         kwargs, idx = _valid(faces, rng)
         jobs.append((kwargs, None, idx))
     rng.shuffle(jobs)
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     failures: list[str] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
@@ -541,7 +545,7 @@ def test_fuzz_never_5xx_and_valid_answers_match(endpoint: Endpoint, registry: Re
 
 
 def test_auth_on_and_off(endpoint: Endpoint, faces) -> None:
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     raw = {"content-type": "image/jpeg"}
     try:
         endpoint.deploy({**BASE_UC, "auth_token_env": TOKEN_ENV})
@@ -570,7 +574,7 @@ async def _burst(url: str, n: int, **kwargs: Any) -> list[httpx.Response]:
 
 
 def test_overload_is_503_with_retry_after(endpoint: Endpoint, faces) -> None:
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     body = {"json": {"images": [b64(f) for f in faces[:16]]}}
     try:
         # 1. the replica's own admission limit (in-flight images): JSON 503 + Retry-After
@@ -596,7 +600,7 @@ def test_overload_is_503_with_retry_after(endpoint: Endpoint, faces) -> None:
 def test_failed_swap_keeps_the_old_model(endpoint: Endpoint, faces) -> None:
     """A user_config naming a version that does not exist must not take the service down:
     the old model keeps answering and /v1/model says what went wrong."""
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     raw = {"content-type": "image/jpeg"}
     try:
         endpoint.deploy({**BASE_UC, "model_uri": f"models:/{NAME}/99"}, wait=False)
@@ -621,7 +625,7 @@ def test_multitask_model_answers_gender_and_race(endpoint: Endpoint, faces, tmp_
     cfg.model.backbone, cfg.model.head = "test_resnet", "linear"
     cfg.model.formulation, cfg.model.multitask = "mae", "parallel"
     folder = save_model(build_model(cfg), tmp_path / "parallel", cfg)
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     try:
         endpoint.deploy({**BASE_UC, "model_uri": str(folder)}, wait=False)
         wait_until(
@@ -644,9 +648,57 @@ def test_multitask_model_answers_gender_and_race(endpoint: Endpoint, faces, tmp_
     assert endpoint.model_info()["version"] == "1"
     schema = httpx.get(endpoint.url("/openapi.json")).json()
     ok = schema["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]
-    one = ok["application/json"]["schema"]["oneOf"][0]["properties"]
+    flat = [
+        o for o in ok["application/json"]["schema"]["oneOf"] if "age" in o.get("properties", {})
+    ]
+    one = flat[0]["properties"]
     assert one["gender"]["properties"]["label"]["enum"] == list(GENDERS)
     assert one["race"]["properties"]["label"]["enum"] == list(RACES)
+
+
+@pytest.mark.realdata
+def test_every_face_of_a_photo(endpoint: Endpoint, utkface_tar: Path) -> None:
+    """Issue 23: a photo of three real UTKFace faces (child, adult, elderly) answers three
+    faces (the default, faces=all) whose boxes cover the sources and whose ages equal each
+    face's answer when its chip is sent alone; a wall answers no face with a reason; 1x1 and
+    10000x1 images say they hold no usable face. The schema in /openapi.json validates it."""
+    import jsonschema
+    from faces import compose_photo, covers, utk_faces_by_band, wall_photo
+
+    from ageray.serving.schema import FACES_SCHEMA, PREDICTION_SCHEMA
+
+    chips = [v[0][2] for v in utk_faces_by_band(utkface_tar).values()]
+    photo, boxes = compose_photo(chips)
+    url = endpoint.url("/v1/predict")
+    with httpx.Client(timeout=120) as c:
+        got = c.post(url, content=photo, headers={"content-type": "image/png"})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        jsonschema.Draft202012Validator(FACES_SCHEMA).validate(body)
+        assert body["reason"] is None and body["image"] == {"width": 880, "height": 320}
+        assert [f["index"] for f in body["faces"]] == [0, 1, 2] and body["batch_size"] >= 3
+        alone = c.post(url, json={"images": [b64(chip) for chip in chips]}).json()["predictions"]
+        for source, single in zip(boxes, alone):
+            (face,) = [f for f in body["faces"] if covers(f["box"], source)]
+            (chip_face,) = single["faces"]
+            assert abs(face["age"] - chip_face["age"]) <= 0.5, (face["age"], chip_face["age"])
+            assert len(face["landmarks"]) == 5 and face["score"] >= 0.9
+        wall = c.post(url, content=wall_photo(), headers={"content-type": "image/jpeg"}).json()
+        assert wall["faces"] == [] and wall["reason"].startswith("no face with score >= 0.9")
+        for w, h in ((1, 1), (10000, 1)):
+            tiny = encode(Image.new("RGB", (w, h), (90, 90, 90)))
+            none = c.post(url, content=tiny, headers={"content-type": "image/png"}).json()
+            assert none["faces"] == [] and "no face can be read" in none["reason"]
+            flat = c.post(url, json={"image": b64(tiny), "faces": "largest"}).json()
+            jsonschema.Draft202012Validator(PREDICTION_SCHEMA).validate(flat)
+            assert isinstance(flat["age"], float) and f"{w}x{h} px" in flat["quality"]
+    spec = httpx.get(endpoint.url("/openapi.json")).json()["paths"]["/v1/predict"]["post"]
+    (param,) = [p for p in spec["parameters"] if p["name"] == "faces"]
+    assert param["schema"]["enum"] == ["all", "largest"] and param["schema"]["default"] == "all"
+    answers = spec["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
+    assert answers[0]["properties"]["faces"]["items"]["required"][:4] == [
+        "index", "box", "landmarks", "score"
+    ]  # fmt: skip
 
 
 def test_alias_move_is_picked_up_with_reload(endpoint: Endpoint, registry: Registry) -> None:
@@ -675,7 +727,7 @@ def test_model_swap_under_load_loses_nothing(endpoint: Endpoint, registry: Regis
     succeeds, each answer equals the in-process answer of the version it names, and once
     the redeploy returns every answer comes from version 2."""
     refs = {v: [reference(m, f) for f in faces[:16]] for v, m in registry.refs.items()}
-    url = endpoint.url("/v1/predict")
+    url = endpoint.url("/v1/predict?faces=largest")  # flat answers
     results: list[tuple[float, int, dict[str, Any] | str, int]] = []
     stop = threading.Event()
     lock = threading.Lock()
