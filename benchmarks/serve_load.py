@@ -5,7 +5,7 @@
 
 What it measures, side by side:
 
-* **floor**: ``ServedModel.forward`` (= ``model.predict(x, flip=True)``: image + flip in one
+* **floor**: ``ServedModel.forward`` (the one path's forward: image + flip in one
   pass, both heads, Adaptive Routing) in this process on already-preprocessed images, at
   batch size = concurrency, same torch thread count as the replica. No HTTP, no decode.
 * **endpoint, batching off** (``max_batch_size: 1``) and **on** (``max_batch_size: 32``,

@@ -114,7 +114,7 @@ def _train_fold(args, cfg, *, fold: int, k: int, url: str) -> dict | int:
     """Train and evaluate one fold with the recipe (its own run name); its report, or the
     exit status when it failed."""
     from ageray.config import load_config
-    from ageray.crossval import fold_run_name
+    from ageray.evaluation.crossval import fold_run_name
     from ageray.tracking import Tracker
     from ageray.training.pipeline import PipelineError, run_pipeline
 
@@ -145,8 +145,8 @@ def _write_summary(
 ) -> tuple[Path, str]:
     """crossval.json / crossval.md (and the MLflow run unless --no-tracking): the folder and
     the markdown."""
-    from ageray.crossval import summarize_folds, summary_markdown
-    from ageray.report import ROW_LABELS
+    from ageray.evaluation.crossval import summarize_folds, summary_markdown
+    from ageray.evaluation.tables import ROW_LABELS
     from ageray.training.driver import local_run_dir
 
     protocol = {k_: v for k_, v in _protocol_of(manifest).items() if k_ != "fold"}

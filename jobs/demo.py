@@ -289,8 +289,8 @@ def _results(
     cfg: Any, report: dict[str, Any], *, run_dir: Path, model_uri: str, ray_logs: str, timer: Timer
 ) -> None:
     """Step 6: the Table IX-style table and where to look next."""
+    from ageray.evaluation.tables import markdown_table
     from ageray.redaction import redact
-    from ageray.report import markdown_table
     from ageray.tracking import resolve_tracking_uri
 
     banner(6, "results")

@@ -5,7 +5,7 @@
 
 Both models (pinned versions, not aliases that could move meanwhile) are evaluated by the
 same report code (``ageray.evaluation``) on the same split, compared on the rows they serve,
-and the alias moves only when ``ageray.promotion.decide`` says the candidate wins by the
+and the alias moves only when ``ageray.registry.promotion.decide`` says the candidate wins by the
 margin (``previous-<alias>`` then points at the old champion: a rollback is one alias
 move). The comparison (table, per-age plot, decision, both reports) is recorded in an
 MLflow run either way. A Serve app deployed on ``models:/<name>@champion`` follows the
@@ -24,7 +24,7 @@ from jobs._common import Timer, base_parser, load, setup_logging
 
 
 def parse(argv: list[str] | None = None):
-    from ageray.promotion import PROMOTION_METRICS
+    from ageray.registry.promotion import PROMOTION_METRICS
 
     p = base_parser("python -m jobs.promote", __doc__)
     p.add_argument("--candidate", required=True, help="models:/<name>/<version> or @<alias>")
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.promotion import PromotionError, decide
     from ageray.registry import alias_version, parse_model_uri
+    from ageray.registry.promotion import PromotionError, decide
     from ageray.tracking import Tracker, model_info
 
     try:
@@ -130,7 +130,7 @@ def _evaluate(
 
 def _compare(reports: dict, *, decision, out: Path) -> tuple[str, Path]:
     """The comparison table (written to comparison.md) and the per-age plot of both sides."""
-    from ageray.promotion import comparison_table, plot_comparison
+    from ageray.registry.promotion import comparison_table, plot_comparison
 
     table = comparison_table(reports["candidate"], reports.get("champion"), decision)
     (out / "comparison.md").write_text(table)

@@ -57,7 +57,7 @@ __all__ = [
     "resolve_tracking_uri",
 ]
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).parent / "registry" / "pyfunc_model.py"
 TAG_PIPELINE = "ageray.pipeline"
 TAG_STAGE = "ageray.stage"
 _PACKAGES = ("ageray", "torch", "torchvision", "timm", "ray", "mlflow", "webdataset", "boto3")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ageray import metrics as M
-from ageray.crossval import fold_run_name, summarize_folds, summary_markdown
+from ageray.evaluation.crossval import fold_run_name, summarize_folds, summary_markdown
 
 
 def fold_report(y: np.ndarray, rows: dict[str, np.ndarray]) -> dict:

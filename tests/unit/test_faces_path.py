@@ -193,7 +193,7 @@ def test_pyfunc_and_batch_worker_answer_per_face(model_dir: Path, family: dict) 
     import pyarrow as pa
 
     from ageray.inference.batch import BatchWorker
-    from ageray.pyfunc_model import AgeRayPyfunc
+    from ageray.registry.pyfunc_model import AgeRayPyfunc
 
     images = [family["photo"], wall_photo(), *family["chips"]]
     keys = ["family", "wall", "child", "adult", "elderly"]

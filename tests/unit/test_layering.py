@@ -44,18 +44,14 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": LOWER,
     # the one path, its loader (MLflow URIs through tracking), export and batch prediction
     "inference": LOWER | {"data", "model", "metrics", "losses", "tracking"},
-    "evaluation": LOWER
-    | {"data", "model", "metrics", "inference", "report", "tracking", "traits", "fairness"},
-    "report": LOWER | {"metrics"},
-    "traits": LOWER | {"data", "report"},  # gender / race answers: accuracy, confusion
-    "fairness": LOWER | {"data", "metrics", "report", "traits"},  # age error per group
-    "registry": LOWER | {"tracking"},  # aliases: moves and lookups through the Tracker
-    "promotion": LOWER | {"evaluation", "report", "registry", "tracking"},  # jobs.promote's rule
-    "crossval": LOWER | {"metrics", "report"},  # folds' reports -> mean, spread, pooled
+    # reports, their tables and plots, fairness, traits, cross-validation summaries
+    "evaluation": LOWER | {"data", "model", "metrics", "inference", "tracking"},
+    # aliases, promotion (judged by evaluation), the pyfunc wrapper (the one path)
+    "registry": LOWER | {"tracking", "evaluation", "inference", "model"},
     "localcluster": set(),  # the local multi-node Ray: subprocesses and sockets only
 }
 # Nothing below these may import them.
-TOP = {"tuning", "serving", "cli", "pyfunc_model"}
+TOP = {"tuning", "serving", "cli"}
 FORBIDDEN_FOR_EVALUATION = {"training", "tuning", "serving"}
 
 
@@ -182,7 +178,7 @@ def test_evaluation_does_not_import_training_or_higher() -> None:
     wrong = [
         f"{m} imports {t}"
         for m, p in MODULES.items()
-        if _part(m) in ("evaluation", "report", "inference")
+        if _part(m) in ("evaluation", "inference")
         for t in _imports(m, p, top_level_only=False)
         if _part(t) in FORBIDDEN_FOR_EVALUATION
     ]

@@ -39,7 +39,7 @@ def test_pyfunc_and_serve_answer_gender_and_race(multitask: str, tmp_path: Path)
     import jsonschema
     import pandas as pd
 
-    from ageray.pyfunc_model import AgeRayPyfunc
+    from ageray.registry.pyfunc_model import AgeRayPyfunc
     from ageray.serving.model import build_prediction, load_served_model
     from ageray.serving.schema import PREDICTION_SCHEMA
 

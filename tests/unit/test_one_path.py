@@ -51,7 +51,7 @@ def test_every_path_answers_identically(world) -> None:
     from ageray.evaluation import eval_config, evaluate_model
     from ageray.inference.batch import BatchWorker
     from ageray.model import load_model
-    from ageray.pyfunc_model import AgeRayPyfunc
+    from ageray.registry.pyfunc_model import AgeRayPyfunc
     from ageray.serving import Limits, build_prediction, load_served_model
     from ageray.training.context import LocalContext
     from ageray.training.plans import gather_split_predictions

@@ -1,4 +1,4 @@
-"""The promotion rule (ageray.promotion) on report dicts built by the real report code
+"""The promotion rule (ageray.registry.promotion) on report dicts built by the real report code
 (ageray.evaluation.build_report) from known predictions: who wins, by what margin, on which
 row, and what the comparison leaves behind. No Ray, no MLflow."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ageray.evaluation import build_report
-from ageray.promotion import (
+from ageray.registry.promotion import (
     Decision,
     PromotionError,
     comparison_table,

@@ -1,5 +1,6 @@
 """Every routing rule in the evaluation: one forward pass scores every rule exactly as
-``model.predict(x, rule=...)`` answers, the report has a row per rule with the oracle as a
+``predict(model, x, rule=...)`` (tests/model_predict.py) answers, the report has a row per
+rule with the oracle as a
 bound and the share of the smaller -> oracle gap each closes, DIR shot MAE, the fitting
 step, and a routed model that answers identically through evaluation, the pyfunc model and
 Serve's forward (no Ray: the served model's forward is the code a replica runs)."""
@@ -14,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_tiny_model
+from model_predict import predict
 
 from ageray import metrics as M
 from ageray.config import Config, RoutingConfig
 from ageray.evaluation import build_report, gap_closed
+from ageray.evaluation.tables import markdown_table, write_plots
 from ageray.inference import collect_predictions
 from ageray.model import load_model, save_model
 from ageray.model.routing.fitting import fit_rules, routing_fit_metrics
-from ageray.report import markdown_table, write_plots
 
 
 class Batches(list):
@@ -109,7 +111,7 @@ def test_every_rule_scored_as_predict_answers(routed) -> None:
     x = torch.cat([b["image"] for b in batches])
     y = torch.cat([b["age"] for b in batches])
     for rule in ("smaller", "bigger", "threshold", "learned", "oracle"):
-        direct = model.predict(x, rule=rule, labels=y if rule == "oracle" else None)
+        direct = predict(model, x, rule=rule, labels=y if rule == "oracle" else None)
         np.testing.assert_array_equal(preds[f"rule_{rule}_age"], direct.age.double().numpy())
         np.testing.assert_array_equal(preds[f"rule_{rule}_weight"], direct.weight.double().numpy())
     # The served rule is what the model answers by default.
@@ -162,7 +164,7 @@ def test_report_rows_bound_gap_shots_and_plots(routed, tmp_path: Path) -> None:
 
 def test_identical_answers_through_evaluation_pyfunc_and_serve(routed) -> None:
     """One routed model (learned rule served), three paths, the same ages to the last bit."""
-    from ageray.pyfunc_model import AgeRayPyfunc
+    from ageray.registry.pyfunc_model import AgeRayPyfunc
     from ageray.serving.model import load_served_model
 
     folder, _ = routed

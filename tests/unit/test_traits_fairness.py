@@ -1,5 +1,6 @@
-"""Gender/race answers (ageray.traits) and the fairness table (ageray.fairness) on tiny
-hand-worked predictions; the report sections and plots they add; the hybrid steps' names."""
+"""Gender/race answers (ageray.evaluation.traits) and the fairness table
+(ageray.evaluation.fairness) on tiny hand-worked predictions; the report sections and plots
+they add; the hybrid steps' names."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ageray.fairness import fairness_metrics, fairness_table, markdown_fairness, plot_fairness
-from ageray.traits import (
+from ageray.evaluation.fairness import (
+    fairness_metrics,
+    fairness_table,
+    markdown_fairness,
+    plot_fairness,
+)
+from ageray.evaluation.traits import (
     group_name,
     markdown_traits,
     plot_confusions,

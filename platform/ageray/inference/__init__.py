@@ -105,3 +105,13 @@ __all__ = [
     "rows_to_table",
     "with_export",
 ]
+
+
+def _load_registered_before_the_one_loader(cls: type, source: object, **kwargs: object):
+    """``ImagePredictor.load(folder)``, kept only for saved artifacts: a model registered
+    before the one loader carries its own copy of the pyfunc wrapper (MLflow runs the code
+    logged with the model), which calls it. New code calls :func:`load_predictor`."""
+    return load_predictor(source, **kwargs)  # type: ignore[arg-type]
+
+
+ImagePredictor.load = classmethod(_load_registered_before_the_one_loader)  # type: ignore[attr-defined]

@@ -53,7 +53,7 @@ def collect_predictions(
     (N, 9) and, for every rule the model can apply plus the ``oracle`` bound,
     ``rule_<name>_age`` and ``rule_<name>_weight`` (the balanced head's weight), computed
     from the same forward pass by the same rule modules, so the numbers are the ones
-    ``model.predict(x, rule=name)`` gives; ``bigger_age`` / ``bigger_choice`` repeat Table
+    ``AgeModel._predict(x, rule=name)`` gives; ``bigger_age`` / ``bigger_choice`` repeat Table
     IX's mirror rule under their older names. ``gender`` / ``race``: the labels (-1 absent);
     multi-task models add ``gender_probs`` / ``race_probs`` (and the hybrid net
     ``group_probs``, with its groups' (gender, race) pairs in ``_groups``). ``_keys`` holds

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ageray.config import Config, to_dict
+from ageray.evaluation.traits import trait_metrics
 from ageray.inference import collect_predictions, merge_predictions, prediction_metrics
 from ageray.training.checkpoint import materialize, unwrap
 from ageray.training.context import WorkerContext, all_gather_objects
 from ageray.training.pretrain import IdentityNet
 from ageray.training.stage_names import HYBRID_STEPS, STAGES
-from ageray.traits import trait_metrics
 
 __all__ = [
     "HYBRID_STEPS",

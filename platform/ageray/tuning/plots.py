@@ -26,7 +26,7 @@ def plot_metric_vs_params(
     """One panel per searched parameter: each trial's best metric against its value
     (categorical axis for discrete values, log axis for log-uniform ones); early-stopped
     trials are drawn hollow, so a reader sees what ASHA cut."""
-    from ageray.report import pyplot, save_figure
+    from ageray.evaluation.tables import pyplot, save_figure
 
     plt = pyplot()
 
@@ -68,7 +68,7 @@ def plot_curves(
     path: str | os.PathLike[str],
 ) -> Path:
     """The metric per epoch, one line per trial: where ASHA cut trials is visible."""
-    from ageray.report import pyplot, save_figure
+    from ageray.evaluation.tables import pyplot, save_figure
 
     plt = pyplot()
 

@@ -23,8 +23,13 @@ import numpy as np
 
 from ageray import metrics as M
 from ageray.config import Config, RoutingConfig
-from ageray.fairness import fairness_metrics, fairness_table, markdown_fairness, plot_fairness
-from ageray.traits import markdown_traits, plot_confusions, trait_report
+from ageray.evaluation.fairness import (
+    fairness_metrics,
+    fairness_table,
+    markdown_fairness,
+    plot_fairness,
+)
+from ageray.evaluation.traits import markdown_traits, plot_confusions, trait_report
 
 __all__ = [
     "ROW_ORDER",
@@ -211,7 +216,7 @@ def build_report(
         report["routing_fitted_at_evaluation"] = preds["_fitted_here"]
     if "balanced" in rows:
         _add_routing_usage(report, preds, y)
-    # who gets which error per gender / race; multi-task answers (ageray.fairness, .traits)
+    # who gets which error per gender / race; multi-task answers (fairness, traits)
     fairness = fairness_table(
         y, rows, preds.get("gender"), preds.get("race"), order=report["row_order"]
     )
@@ -323,7 +328,7 @@ def evaluate_to_dir(
     ``routing``: fit the rules it lists that the model lacks, on its ``fit_split``, first
     (see :func:`evaluate_model`). ``train_split``: the split whose manifest histogram
     defines the many/medium/few shots (skipped when the manifest has no such split)."""
-    from ageray.report import write_plots
+    from ageray.evaluation.tables import write_plots
     from ageray.tracking import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_ref))
@@ -407,7 +412,7 @@ def _json_default(o: Any) -> Any:
 
 
 def _row_style(report: dict[str, Any]) -> dict[str, dict[str, str]]:
-    from ageray.report import ROW_COLORS, ROW_LABELS
+    from ageray.evaluation.tables import ROW_COLORS, ROW_LABELS
 
     return {
         "labels": {name: ROW_LABELS.get(name, name) for name in report["rows"]},
@@ -417,7 +422,7 @@ def _row_style(report: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the Table IX-style table, then the gender/race and fairness sections."""
-    from ageray.report import markdown_table
+    from ageray.evaluation.tables import markdown_table
 
     extra = markdown_traits(report.get("traits") or {})
     extra += markdown_fairness(report.get("fairness"), _row_style(report)["labels"])
@@ -425,6 +430,6 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    from ageray.report import markdown_table
+    from ageray.evaluation.tables import markdown_table
 
     return markdown_table(report)

@@ -38,7 +38,7 @@ MIN_COUNT = 20
 
 def _group_names(by: str, gender: np.ndarray, race: np.ndarray) -> np.ndarray:
     """Per sample, its group's name under ``by`` ("" when a needed label is absent)."""
-    from ageray.traits import group_name
+    from ageray.evaluation.traits import group_name
 
     out = np.full(len(gender), "", dtype=object)
     for i, (g, r) in enumerate(zip(gender.astype(int), race.astype(int))):
@@ -53,7 +53,7 @@ def _group_names(by: str, gender: np.ndarray, race: np.ndarray) -> np.ndarray:
 
 
 def _order(by: str, names: set[str]) -> list[str]:
-    from ageray.traits import group_name
+    from ageray.evaluation.traits import group_name
 
     if by == "gender":
         known = list(GENDERS)
@@ -180,7 +180,7 @@ def plot_fairness(
     image count above; the CMAE of the first row as black ticks."""
     if not fairness:
         return None
-    from ageray.report import pyplot, save_figure
+    from ageray.evaluation.tables import pyplot, save_figure
 
     plt = pyplot()
     sections = list(fairness["by"].items())

@@ -165,7 +165,7 @@ def markdown_traits(traits: Mapping[str, Any]) -> list[str]:
 def plot_confusions(traits: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """``confusion_<trait>.png``: each confusion matrix, normalised per true class (counts
     written in the cells), so a rare class's errors are as visible as a common one's."""
-    from ageray.report import pyplot, save_figure
+    from ageray.evaluation.tables import pyplot, save_figure
 
     paths = []
     for trait, sec in traits.items():

@@ -204,7 +204,7 @@ def plot_comparison(
 ) -> Path:
     """Per-age MAE of the champion's and the candidate's served rows over the per-age
     sample histogram; dashed lines are each one's CMAE."""
-    from ageray.report import pyplot, save_figure
+    from ageray.evaluation.tables import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.5))
