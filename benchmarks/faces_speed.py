@@ -156,7 +156,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         per_call = 1
     else:  # video
-        from ageray.inference.tracking import FaceTracker
+        from ageray.inference.face_tracks import FaceTracker
         from ageray.inference.video import read_frames
 
         video = Path(spec["video"])

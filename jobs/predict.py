@@ -31,7 +31,7 @@ Videos (.mp4 .avi .mov .mkv .webm, read with OpenCV: ``ageray.inference.video``)
 frames a second are sampled, each goes through the same path as a photo (always with
 ``faces=all``: the tracker follows every face), and each row also
 has ``frame_index``, ``timestamp_s``, ``track_id`` (a face followed across frames by IoU
-matching: ``ageray.inference.tracking``) and ``age_smoothed`` (the track's running median);
+matching: ``ageray.inference.face_tracks``) and ``age_smoothed`` (the track's running median);
 these are None for photos. The progress bar counts images and frames done.
 """
 
@@ -91,7 +91,7 @@ def _write(ds: Any, args: Any, *, total: int | None) -> Any:
     and written tracked (``VideoTracks``: Ray Data answers frames in any order). The bar
     counts images and sampled frames done. Returns the sink (its summary)."""
     from ageray.inference.batch import ParquetSink
-    from ageray.inference.tracking import VideoTracks
+    from ageray.inference.face_tracks import VideoTracks
 
     bar = None
     if not args.no_progress:

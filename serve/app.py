@@ -65,7 +65,7 @@ every ``model_poll_s`` seconds where the alias points and, when it moved (``jobs
 moves ``champion``), swaps the new version in through the same in-place swap as a
 redeploy. Every answer names the version that computed it.
 
-Metrics (``ageray.serving.metrics``): requests by route and status, images, batch sizes,
+Metrics (``ageray.serving.telemetry``): requests by route and status, images, batch sizes,
 queue wait, forward time, answers by head, predicted ages and the served version, recorded
 with ``ray.serve.metrics`` and exported by Ray in Prometheus format on each node's metrics
 export port.
@@ -108,9 +108,9 @@ from ageray.serving import (
 )
 from ageray.serving.guard import EDGE_CALLBACK, EDGE_ENV
 from ageray.serving.lifecycle import install_stop_handlers
-from ageray.serving.metrics import RequestMetrics, ServeMetrics
 from ageray.serving.page import PAGE_HEADERS, render_index, static_file
 from ageray.serving.schema import PREDICT_RESPONSES
+from ageray.serving.telemetry import RequestMetrics, ServeMetrics
 
 log = logging.getLogger("ray.serve")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ageray.serving.metrics import (
+from ageray.serving.telemetry import (
     AGE_BOUNDARIES,
     METRICS,
     MemoryRecorder,

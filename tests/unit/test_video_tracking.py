@@ -1,11 +1,11 @@
-"""The IoU face tracker (ageray.inference.tracking): ids kept across frames while boxes
+"""The IoU face tracker (ageray.inference.face_tracks): ids kept across frames while boxes
 overlap, new ids for new faces, tracks end after K missed frames, and the running median."""
 
 from __future__ import annotations
 
 import pytest
 
-from ageray.inference.tracking import FaceTracker, iou, match_greedy, track_rows
+from ageray.inference.face_tracks import FaceTracker, iou, match_greedy, track_rows
 
 
 def _box(x: float, y: float, s: float = 100.0) -> list[float]:
@@ -115,7 +115,7 @@ def test_batch_prediction_holds_video_rows_and_writes_them_tracked() -> None:
     pass, a video's rows come out at the end tracked, in the Parquet schema."""
     from ageray.inference.answers import arrow_schema, rows_to_table
     from ageray.inference.batch import carry_video_columns
-    from ageray.inference.tracking import VideoTracks
+    from ageray.inference.face_tracks import VideoTracks
 
     def face(key: str, f: int | None, x: float, age: float, i: int = 0) -> dict:
         return {"key": key, "source": "clip.mp4" if f is not None else key, "age": age,

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ageray.config import LossConfig, ModelConfig
 
-from .common import _finite_nonneg, _labels
 from .distribution import _base_terms, _local_terms, expected_age
+from .targets import _finite_nonneg, _labels
 from .xing import (
     group_labels,
     ldl_ce,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (
+from .targets import (
     Reduction,
     Sigma,
     _ages,

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import Sigma, _age_index, _check_logits, _labels
 from .distribution import gaussian_label_distribution
+from .targets import Sigma, _age_index, _check_logits, _labels
 
 __all__ = [
     "group_labels",

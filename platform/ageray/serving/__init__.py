@@ -25,7 +25,7 @@ and the fix), never a 500.
 """
 
 from ageray.serving.admission import Admission, check_auth
-from ageray.serving.batching import BatchWindow
+from ageray.serving.batch_window import BatchWindow
 from ageray.serving.errors import ServeError, error_body
 from ageray.serving.guard import (
     GuardCounts,

@@ -106,7 +106,7 @@ class ServeSettings:
 
     ``max_batch_size`` is in images (a request with 4 images adds 4); 1 turns batching off.
     ``batch_wait_mode: adaptive`` (default) sizes the wait of a forming batch with
-    :class:`~ageray.serving.batching.BatchWindow`: a lone request never waits; while a
+    :class:`~ageray.serving.batch_window.BatchWindow`: a lone request never waits; while a
     forward is running the batch stays open until that forward should end (it could not
     start earlier anyway, and this way it collects everything that arrives meanwhile);
     ``batch_wait_timeout_s`` is the wait when only other requests' decoding is pending.

@@ -8,7 +8,7 @@ One module per concern:
 * :mod:`~ageray.tuning.space`      space files, distributions, expressions over ``r``
 * :mod:`~ageray.tuning.resources`  what a trial holds, how many run at once, the PG janitor
 * :mod:`~ageray.tuning.algorithms` Tune's param space, searcher, ASHA and its rungs
-* :mod:`~ageray.tuning.records`    one record per trial (read from Tune's saved state)
+* :mod:`~ageray.tuning.trial_records`    one record per trial (read from Tune's saved state)
 * :mod:`~ageray.tuning.results`    the table, CSV, best recipe, files and summary
 * :mod:`~ageray.tuning.plots`      metric vs parameters, curves per epoch
 * :mod:`~ageray.tuning.runs`       the search's MLflow parent and child runs (the policy)
@@ -39,7 +39,6 @@ from ageray.tuning.metric import (
     parse_metric,
 )
 from ageray.tuning.plots import plot_curves, plot_metric_vs_params
-from ageray.tuning.records import TrialRecord, best_record, collect_records
 from ageray.tuning.resources import (
     max_concurrent_trials,
     release_orphaned_placement_groups,
@@ -73,6 +72,7 @@ from ageray.tuning.space import (
     trial_config,
 )
 from ageray.tuning.trial import TrialContext, trial_driver
+from ageray.tuning.trial_records import TrialRecord, best_record, collect_records
 
 __all__ = [
     "ALGORITHMS",

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec
-from ageray.tuning.records import TrialRecord
 from ageray.tuning.space import SearchSettings, SearchSpace
+from ageray.tuning.trial_records import TrialRecord
 
 __all__ = ["asha_rungs", "make_scheduler", "make_searcher", "replay_asha", "tune_param_space"]
 

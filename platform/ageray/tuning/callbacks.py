@@ -19,9 +19,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ageray.tracking import RunLogger
 from ageray.tuning.metric import EPOCH_KEY, FINAL_KEY, enrich_report, finite_number, parse_metric
-from ageray.tuning.records import TrialRecord, read_error, short_error
 from ageray.tuning.resources import release_orphaned_placement_groups
 from ageray.tuning.space import SearchSpace, parse_space
+from ageray.tuning.trial_records import TrialRecord, read_error, short_error
 
 __all__ = ["SearchMonitor", "TrialReportCallback"]
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec
-from ageray.tuning.records import TrialRecord
 from ageray.tuning.space import ParamSpec, SearchSpace
+from ageray.tuning.trial_records import TrialRecord
 
 __all__ = ["plot_curves", "plot_metric_vs_params"]
 

@@ -23,8 +23,8 @@ from ageray.config import Config, config_from_dict, dump_yaml, get_dotted, set_d
 from ageray.redaction import redact
 from ageray.tuning.metric import EPOCH_KEY, MetricSpec, finite_number
 from ageray.tuning.plots import plot_curves, plot_metric_vs_params
-from ageray.tuning.records import TrialRecord, best_record
 from ageray.tuning.space import BINDINGS, SearchSpace
+from ageray.tuning.trial_records import TrialRecord, best_record
 
 __all__ = [
     "Column",

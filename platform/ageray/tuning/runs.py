@@ -21,9 +21,9 @@ from ageray.tuning.metric import (
     MetricSpec,
     finite_number,
 )
-from ageray.tuning.records import TrialRecord
 from ageray.tuning.results import SearchOutcome
 from ageray.tuning.space import SearchSettings, SearchSpace
+from ageray.tuning.trial_records import TrialRecord
 
 __all__ = [
     "backfill_epochs",

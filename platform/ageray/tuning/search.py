@@ -29,7 +29,6 @@ from ageray.tuning.algorithms import (
     tune_param_space,
 )
 from ageray.tuning.metric import MetricSpec, TuningError
-from ageray.tuning.records import collect_records
 from ageray.tuning.resources import (
     max_concurrent_trials,
     release_orphaned_placement_groups,
@@ -46,6 +45,7 @@ from ageray.tuning.space import (
     load_space,
 )
 from ageray.tuning.trial import TrialContext, trial_driver
+from ageray.tuning.trial_records import collect_records
 
 __all__ = ["SearchOptions", "run_search"]
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from ageray.config import Config, config_from_dict
 from ageray.tuning.metric import EPOCH_KEY, FINAL_KEY, MetricSpec, TuningError, parse_metric
-from ageray.tuning.records import short_error
 from ageray.tuning.runs import open_trial_run
 from ageray.tuning.space import parse_space, resolve_sample, trial_config
+from ageray.tuning.trial_records import short_error
 
 if TYPE_CHECKING:
     from ageray.training.pipeline import PipelineResult

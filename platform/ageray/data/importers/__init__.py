@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from ageray.data.importers.appa_real import APPA_SPLITS, iter_appa_real
-from ageray.data.importers.common import IMAGE_EXTENSIONS, SkipRow, check_image
+from ageray.data.importers.base import IMAGE_EXTENSIONS, SkipRow, check_image
 from ageray.data.importers.fgnet import iter_fgnet, parse_fgnet_name
 from ageray.data.importers.folders import iter_folders
 from ageray.data.importers.generic_csv import iter_csv

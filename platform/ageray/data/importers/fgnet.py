@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     SkipRow,
     Verify,

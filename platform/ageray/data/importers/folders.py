@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     Verify,
     check_verify,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ageray.data.csvutil import find_column, read_csv
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     Verify,
     check_verify,

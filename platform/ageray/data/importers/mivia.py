@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 
 from ageray.data.csvutil import read_csv
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     Verify,
     check_verify,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ageray.data.csvutil import CsvTable, find_column, read_csv
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     SkipRow,
     Verify,

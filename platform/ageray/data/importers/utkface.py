@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from ageray.data.importers.common import (
+from ageray.data.importers.base import (
     KeyMaker,
     SkipRow,
     Verify,
