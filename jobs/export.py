@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     timer = Timer()
 
-    from ageray.inference import load_predictor
+    from ageray.inference import load_predictor, resolve_model_dir
     from ageray.inference.export import export_model
-    from ageray.tracking import Tracker, resolve_model_dir
+    from ageray.tracking import Tracker
 
     remote = ":/" in args.model
     tracking = bool(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))

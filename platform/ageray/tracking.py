@@ -8,9 +8,8 @@ Rules this module keeps:
 * **Who**: only the driver and rank 0 talk to MLflow. The driver opens one parent run per
   pipeline and a child run per stage and hands the child's run id to the workers; rank 0
   logs per-epoch metrics to that id with a plain ``MlflowClient`` (:class:`RunLogger`).
-* **Resume**: runs are found again by tags (``ageray.pipeline`` = run name, ``ageray.stage``),
-  so a resubmitted run with the same name continues the same MLflow runs, and the run id is
-  also stored in each checkpoint.
+* **Resume**: runs are found again by tags (``ageray.pipeline``, ``ageray.stage``): a
+  resubmitted run continues the same MLflow runs (the run id is in each checkpoint too).
 * **Models**: a model is a folder (``model.safetensors`` + ``model.json``) logged with a pyfunc
   wrapper written as *code* (MLflow "models from code"), so loading it never unpickles an
   object; it is registered under the configured name with an alias (``candidate``).
@@ -53,7 +52,6 @@ __all__ = [
     "model_info",
     "package_versions",
     "registry_files",
-    "resolve_model_dir",
     "resolve_tracking_uri",
 ]
 
@@ -533,6 +531,20 @@ class Tracker:
 # --------------------------------------------------------------------------- models
 
 
+def _pyfunc_signature() -> Any:
+    """The pyfunc's params (MLflow drops params a model was not logged with); no input schema:
+    the wrapper takes encoded images or an (N, 3, S, S) array and checks them itself."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    specs = [
+        ("faces", "string", "largest"),
+        ("rule", "string", ""),
+        ("distribution", "boolean", False),
+    ]
+    return ModelSignature(params=ParamSchema([ParamSpec(*spec) for spec in specs]))
+
+
 def log_model(
     tracker: Tracker,
     run_id: str,
@@ -570,6 +582,7 @@ def log_model(
                     f"{k}=={v}" for k, v in package_versions().items() if v != "absent"
                 ],
                 metadata={"ageray_format": "ageray-model/1"},
+                signature=_pyfunc_signature(),
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -626,33 +639,6 @@ def _quiet_stderr() -> Iterator[None]:
 
     with contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-def resolve_model_dir(uri: str, dst: str | Path | None = None) -> Path:
-    """A local folder with ``model.safetensors`` + ``model.json`` for any model reference:
-    a local folder, ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, ``runs:/...``,
-    or any MLflow artifact URI. MLflow URIs are downloaded (to ``dst`` or a temp folder)."""
-    local = Path(uri)
-    if "://" not in uri and ":/" not in uri:
-        if (local / "model.safetensors").is_file():
-            return local
-        if (local / "artifacts" / "model" / "model.safetensors").is_file():
-            return local / "artifacts" / "model"
-        raise FileNotFoundError(
-            f"{uri!r} is neither a model folder (model.safetensors + model.json) nor an "
-            "MLflow URI like models:/ageray@candidate"
-        )
-    import mlflow
-
-    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="ageray-model-"))
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    for cand in (path, path / "artifacts" / "model", path / "model"):
-        if (cand / "model.safetensors").is_file():
-            return cand
-    found = sorted(path.rglob("model.safetensors"))
-    if found:
-        return found[0].parent
-    raise FileNotFoundError(f"{uri} downloaded to {path} but holds no model.safetensors")
 
 
 def model_info(uri: str) -> dict[str, Any]:

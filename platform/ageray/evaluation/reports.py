@@ -329,7 +329,7 @@ def evaluate_to_dir(
     (see :func:`evaluate_model`). ``train_split``: the split whose manifest histogram
     defines the many/medium/few shots (skipped when the manifest has no such split)."""
     from ageray.evaluation.tables import write_plots
-    from ageray.tracking import resolve_model_dir
+    from ageray.inference import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_ref))
     preds = evaluate_model(

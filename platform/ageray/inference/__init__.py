@@ -59,6 +59,7 @@ from .loading import (
     fetch_model_files,
     load_predictor,
     resolve_backend,
+    resolve_model_dir,
     with_export,
 )
 from .predictor import ImagePredictor, describe_error
@@ -102,6 +103,7 @@ __all__ = [
     "prepare_image",
     "quantile_ages",
     "resolve_backend",
+    "resolve_model_dir",
     "rows_to_table",
     "with_export",
 ]

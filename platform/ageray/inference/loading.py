@@ -42,6 +42,7 @@ __all__ = [
     "fetch_model_files",
     "load_predictor",
     "resolve_backend",
+    "resolve_model_dir",
     "with_export",
 ]
 
@@ -145,21 +146,40 @@ def resolve_registry(uri: str) -> tuple[str, dict[str, Any]]:
     return uri, reg
 
 
-def _read_mlflow(uri: str, max_bytes: int) -> dict[str, bytes]:
+def _download(uri: str, dst: Path) -> Path:
+    """An MLflow artifact URI downloaded into ``dst``; the model folder inside it."""
     import mlflow
 
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    try:
+        return _model_folder(path)
+    except FileNotFoundError:
+        found = sorted(path.rglob("model.safetensors"))
+        if not found:
+            raise _refuse_folder(uri) from None
+        return _model_folder(found[0].parent)
+
+
+def _read_mlflow(uri: str, max_bytes: int) -> dict[str, bytes]:
     from .scratch import scratch_use
 
     with scratch_use("download") as tmp:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        try:
-            folder = _model_folder(path)
-        except FileNotFoundError:
-            found = sorted(path.rglob("model.safetensors"))
-            if not found:
-                raise _refuse_folder(uri) from None
-            folder = _model_folder(found[0].parent)
-        return _read_folder(folder, max_bytes, uri)
+        return _read_folder(_download(uri, tmp), max_bytes, uri)
+
+
+def resolve_model_dir(uri: str, dst: str | Path | None = None) -> Path:
+    """A model FOLDER for any reference, for the callers that need files on disk (training
+    from a model, evaluation, ``jobs.export``): a local folder as it is, an MLflow URI
+    downloaded into ``dst`` (default: a folder in this process's scratch, removed at exit).
+    Answering images goes through :func:`load_predictor`, which keeps no files."""
+    if "://" not in uri and ":/" not in uri:
+        return _model_folder(Path(uri))
+    import tempfile
+
+    from .scratch import scratch_root
+
+    target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="model-", dir=scratch_root()))
+    return _download(uri, target)
 
 
 def fetch_model_files(

@@ -66,7 +66,7 @@ class AgeRayPyfunc(mlflow.pyfunc.PythonModel):
         from ageray.model import check_servable
 
         params = params or {}
-        rule = params.get("rule")  # None: the model's own (possibly fitted) rule
+        rule = params.get("rule") or None  # None / "": the model's own (possibly fitted) rule
         if rule is not None:
             check_servable(str(rule), "pyfunc params.rule")
         distribution = bool(params.get("distribution", False))

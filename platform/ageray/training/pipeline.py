@@ -28,7 +28,8 @@ from typing import Any
 from ageray.config import Config
 from ageray.data.manifest import read_manifest
 from ageray.evaluation import evaluate_for_config, format_table
-from ageray.tracking import Tracker, log_model, resolve_model_dir
+from ageray.inference import resolve_model_dir
+from ageray.tracking import Tracker, log_model
 from ageray.training.driver import StageResult, local_run_dir, run_stage_on_ray
 from ageray.training.plans import HYBRID_STEPS
 
