@@ -588,7 +588,7 @@ def _plain(obj: Any) -> Any:
 
 
 def step_inference(model_dir: str | Path, sizes: Sizes) -> dict[str, Any]:
-    """(d): the routed forward (``RoutedGraph``) (image + flip, both heads, routing) in bf16 on the device."""
+    """(d): the routed forward (``RoutedGraph``: image + flip, both heads, routing), bf16."""
     import torch
 
     from ageray.inference import autocast
