@@ -142,3 +142,109 @@ def test_missing_path_and_ambiguous_folder(tmp_path: Path) -> None:
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(ValueError, match="unknown file type"):
         find_weights_file(tmp_path / "w.txt")
+
+
+# --- another library's layout: torchvision files, timm's filter, a face-recognition file ---
+
+
+def test_torchvision_resnet18_loads_by_name(tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(2)
+    tv = torchvision.models.resnet18()  # torchvision's layout: same names as timm's resnet
+    path = tmp_path / "resnet18-tv.pth"
+    torch.save(tv.state_dict(), path)
+    bb = create_backbone("resnet18", pretrained=path)
+    _assert_loaded(bb, tv)
+    assert bb.model.state_dict().keys() <= tv.state_dict().keys()
+
+
+def test_torchvision_efficientnet_maps_by_position(tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(3)
+    tv = torchvision.models.efficientnet_b0()  # features.0.0.weight ... vs conv_stem.weight ...
+    # safetensors sorts its tensors, so another layout maps by position only from a pickle
+    unordered = tmp_path / "effnet-tv.safetensors"
+    save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(unordered))
+    with pytest.raises(KeyError, match=r"effnet-tv\.safetensors.*safetensors does not keep"):
+        create_backbone("efficientnet_b0", pretrained=unordered)
+    path = tmp_path / "effnet-tv.pth"
+    torch.save(tv.state_dict(), path)
+    bb = create_backbone("efficientnet_b0")
+    report = bb.load_pretrained(path)
+    assert report.mapping == "position"
+    assert report.ignored == ["classifier.1.bias", "classifier.1.weight"]
+    assert "names mapped by position" in report.summary()
+    mine = [v for k, v in bb.model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    theirs = [
+        v
+        for k, v in tv.state_dict().items()
+        if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")
+    ]
+    assert len(mine) == len(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    # and the loaded trunk computes what torchvision's does
+    x = torch.randn(1, 3, 64, 64)
+    bb.eval()
+    tv.eval()
+    with torch.no_grad():
+        assert torch.allclose(bb(x), tv.features(x), atol=1e-5)
+
+
+def test_other_network_under_other_names_is_refused_by_name(tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    tv = torchvision.models.mobilenet_v3_large()  # not timm's mobilenetv3 tensor for tensor
+    path = tmp_path / "mnv3-tv.pth"
+    torch.save(tv.state_dict(), path)
+    with pytest.raises(KeyError, match=r"mnv3-tv\.pth.*backbone key\(s\) missing.*conv_stem"):
+        create_backbone("mobilenetv3_large_100", pretrained=path)
+
+
+def test_face_recognition_file_reports_every_ignored_key(
+    tmp_path: Path, source_model: torch.nn.Module
+) -> None:
+    state = {k: v for k, v in source_model.state_dict().items() if not k.startswith("fc.")}
+    state.update({f"margin.{n}": torch.zeros(4, 512) for n in ("w0", "w1", "w2", "w3", "w4", "w5")})
+    path = tmp_path / "arcface-r18.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    report = create_backbone("resnet18").load_pretrained(path)
+    assert report.mapping == "names"
+    assert len(report.ignored) == 6
+    for n in ("w0", "w1", "w2", "w3", "w4", "w5"):  # by name, no "..."
+        assert f"margin.{n}" in report.summary()
+
+
+class _Original(torch.nn.Module):
+    """A trunk whose module (this test file) has a timm-style ``checkpoint_filter_fn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+
+def checkpoint_filter_fn(state: dict, model: torch.nn.Module) -> dict:
+    """The original repository called the stem ``conv_in`` and the norm ``bn_in``."""
+    rename = {"conv_in.": "stem.", "bn_in.": "norm."}
+    out = {}
+    for k, v in state.items():
+        for old, new in rename.items():
+            if k.startswith(old):
+                k = new + k[len(old) :]
+        out[k] = v
+    return out
+
+
+def test_timm_checkpoint_filter_fn_maps_an_original_layout() -> None:
+    from ageray.model.backbone import load_weights
+
+    src = _Original()
+    # the original layout: other names and, in between, a different order (norm first)
+    original = {}
+    for k, v in src.state_dict().items():
+        original[k.replace("stem.", "conv_in.").replace("norm.", "bn_in.")] = v
+    original = dict(reversed(list(original.items())))
+    dst = _Original()
+    report = load_weights(dst, original, name="original.pth")
+    assert report.mapping == "timm filter"
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k

@@ -58,12 +58,25 @@ class LoadReport:
     loaded: int
     ignored: list[str] = field(default_factory=list)
     missing_optional: list[str] = field(default_factory=list)
+    # How the file's names met the trunk's: "names" (as they are, after wrapper prefixes),
+    # "timm filter" (the timm module's checkpoint_filter_fn: an original repository's layout)
+    # or "position" (another library's layout of the same network, e.g. torchvision's
+    # efficientnet_b0 for timm's: same tensors in the same order and shapes, other names).
+    mapping: str = "names"
 
     def summary(self) -> str:
         text = f"loaded {self.loaded} backbone tensors from {self.source}"
+        if self.mapping != "names":
+            text += f" (names mapped by {self.mapping})"
         if self.ignored:
-            shown = ", ".join(self.ignored[:5]) + (", ..." if len(self.ignored) > 5 else "")
-            text += f"; ignored {len(self.ignored)} key(s) absent from the backbone ({shown})"
+            # every key by name: a user checking a face-recognition file wants to see that
+            # only its classifier/margin head was left out, not "..."
+            text += (
+                f"; ignored {len(self.ignored)} key(s) absent from the backbone "
+                f"({', '.join(self.ignored)})"
+            )
+        if self.missing_optional:
+            text += f"; left at their init: {', '.join(self.missing_optional)}"
         return text
 
 
@@ -159,13 +172,93 @@ def _strip_prefixes(
     return state
 
 
+# Top-level names of classifier / margin heads, which a trunk never has (timm's ``fc``,
+# ``classifier``, ``head``; torchvision's ``fc``, ``classifier``; an AM-softmax ``margin``).
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.", "last_linear.", "margin.", "logits.")
+
+
+def _suffix(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _map_by_position(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
+    """The file's tensors renamed to the trunk's, when the two are the same network laid out
+    under other names: after dropping the file's head, the same count, and at every position
+    the same shape and the same kind (``weight``, ``bias``, ``running_mean``, ...).
+
+    Why this is safe enough to do unasked: two different networks that agree in the shape and
+    kind of every one of hundreds of tensors, in order, do not occur in practice; a single
+    disagreement returns None and the caller reports missing keys by name as before.
+    """
+    body = [(k, v) for k, v in state.items() if not k.startswith(HEAD_PREFIXES)]
+    mine = list(own.items())
+    if len(body) != len(mine) or not mine:
+        return None
+    for (fk, fv), (mk, mv) in zip(body, mine, strict=True):
+        if tuple(fv.shape) != tuple(mv.shape) or _suffix(fk) != _suffix(mk):
+            return None
+    mapped = {mk: fv for (_fk, fv), (mk, _mv) in zip(body, mine, strict=True)}
+    mapped.update({k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)})
+    return mapped
+
+
+def _timm_filter(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The timm module's own ``checkpoint_filter_fn`` (it converts the original repository's
+    layout, e.g. Apple's FastViT, to timm's), or ``state`` unchanged when it has none."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    try:
+        out = fn(dict(state), module)
+    except Exception as exc:  # a filter written for another layout: not ours to crash on
+        log.debug("checkpoint_filter_fn of %s failed: %s", type(module).__module__, exc)
+        return state
+    return {str(k): v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def _match_layout(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    *,
+    ordered: bool,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The file's state with the trunk's names, and how they were matched (see LoadReport).
+
+    ``ordered``: the state keeps the order its network registered its tensors in (a pickled
+    state dict does; safetensors files store tensors sorted, so position means nothing there).
+    """
+    state = _strip_prefixes(state, set(own))
+    needed = {k for k in own if not k.endswith(OPTIONAL_SUFFIXES)}
+    if needed <= set(state):
+        return state, "names"
+    filtered = _timm_filter(module, state)
+    if filtered is not state and needed <= set(filtered):
+        return filtered, "timm filter"
+    if not ordered:
+        return state, "names"
+    required = {k: v for k, v in own.items() if not k.endswith(OPTIONAL_SUFFIXES)}
+    for candidate in (state, {k: v for k, v in state.items() if not k.endswith(OPTIONAL_SUFFIXES)}):
+        mapped = _map_by_position(required, candidate)
+        if mapped is not None:
+            return mapped, "position"
+    return state, "names"
+
+
 def load_weights(
     module: nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, name: str | None = None
 ) -> LoadReport:
     """Load ``source`` into ``module`` with strict checking of the module's own keys.
 
-    Every key of ``module`` must be in the file (a missing one raises, naming the file and the
-    keys), shapes must match, and keys the module lacks (the ImageNet classifier ``fc.*``,
+    The file's names are matched to the module's as they are (after wrapper prefixes), else
+    through timm's ``checkpoint_filter_fn`` for the architecture, else by position when it is
+    the same network under another library's names (``_map_by_position``). Then every key of
+    ``module`` must be in the file (a missing one raises, naming the file and the keys),
+    shapes must match, and keys the module lacks (the ImageNet classifier ``fc.*``,
     ``classifier.*``, an identity-pretraining margin head) are ignored and reported.
     """
     if isinstance(source, Mapping):
@@ -174,7 +267,8 @@ def load_weights(
         label = str(find_weights_file(source))
         state = read_state_dict(label)
     own = module.state_dict()
-    state = _strip_prefixes(state, set(own))
+    ordered = not label.endswith(".safetensors")
+    state, mapping = _match_layout(module, state, own, ordered=ordered)
     missing = [k for k in own if k not in state]
     optional = [k for k in missing if k.endswith(OPTIONAL_SUFFIXES)]
     missing = [k for k in missing if k not in optional]
@@ -183,7 +277,14 @@ def load_weights(
         raise KeyError(
             f"pretrained weights {label}: {len(missing)} backbone key(s) missing ({shown}); "
             f"the file does not fit this architecture (it has {len(state)} tensors, e.g. "
-            f"{', '.join(list(state)[:3])}). Check model.backbone matches the file"
+            f"{', '.join(list(state)[:3])}), by name, by timm's filter for it or by "
+            "position. Check model.backbone matches the file"
+            + (
+                "; a file of another library's layout maps by position only from a .pth/.pt "
+                "(torch.save(model.state_dict())): safetensors does not keep tensor order"
+                if not ordered
+                else ""
+            )
         )
     bad = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -197,7 +298,7 @@ def load_weights(
         )
     ignored = sorted(k for k in state if k not in own)
     module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-    report = LoadReport(label, len(own) - len(optional), ignored, optional)
+    report = LoadReport(label, len(own) - len(optional), ignored, optional, mapping)
     log.info(report.summary())
     return report
 
