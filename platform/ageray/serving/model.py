@@ -141,13 +141,15 @@ class ServedModel:
             from ageray.model.routing import check_servable
 
             check_servable(rule, "serving rule")
-        path = self.predictor
         n = int(x.shape[0])
         size = padded_size(n, self.buckets)
         if size > n:  # zero images fill the bucket; their rows are dropped below
             x = torch_cat_zeros(x, size - n)
-        outputs = path.forward(x, rule)
-        return path.rows(outputs, rule=rule, distribution=True)[:n]
+        # The backend directly (ImagePredictor.forward is this same call): a request crosses
+        # three layers to the model, ServedModel -> backend -> RoutedGraph (PyTorch) or the
+        # ONNX Runtime session, and changes form twice: named arrays -> rows -> JSON.
+        outputs = self.predictor.backend(x, rule)
+        return self.predictor.rows(outputs, rule=rule, distribution=True)[:n]
 
 
 def _checked_decoder(limits: Limits) -> Any:
