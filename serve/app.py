@@ -309,15 +309,18 @@ class AgeEstimator:
             max_batch_size=settings.max_batch_size,
         )
         warm_ms = warmup(served, settings.warmup_batch_sizes, settings.rule)
+        served.warmup_ms = round(warm_ms, 1)
         ref = served.model_ref()
         METRICS.model(ref.get("name"), ref.get("version"), ref.get("alias"))
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in served.predictor.load_ms.items())
         log.info(
-            "ageray: loaded %s version %s on %s (%s) in %.0f ms (warm-up %.0f ms)",
+            "ageray: loaded %s version %s on %s (%s) in %.0f ms (%s, warm-up %.0f ms)",
             served.registry.get("name"),
             served.registry.get("version"),
             served.device,
             served.backend,
             (time.perf_counter() - t0) * 1000,
+            phases,
             warm_ms,
         )
         return served

@@ -299,7 +299,9 @@ def load_predictor(
     from .backends import OnnxBackend, TorchBackend
     from .inputs import InputSpec, make_aligner
 
+    clock = _PhaseClock()
     files = fetch_model_files(source, registry=registry)
+    clock.mark("fetch")
     backend, dev = resolve_backend(backend, device)
     info = files.info
     spec = InputSpec.from_info(info)
@@ -307,21 +309,45 @@ def load_predictor(
     if backend == "onnxruntime":
         if not flip:
             raise ValueError("backend onnxruntime runs the exported graph, which always flips")
-        runner: Any = OnnxBackend(with_export(files).onnx(), threads=threads)
+        graph = with_export(files).onnx()
+        clock.mark("export")  # ~0 when the export came with the weights
+        runner: Any = OnnxBackend(graph, threads=threads)
+        clock.mark("session")
     else:
         model = _torch_model(files, dev)
+        clock.mark("torch_model")
         if channels_last:
             import torch
 
             model = model.to(memory_format=torch.channels_last)
             model.channels_last = True  # AgeModel.forward then converts inputs too
         runner = TorchBackend(model, flip=flip, device=dev)
+    aligner = make_aligner(spec, align)
+    clock.mark("aligner")
     return ImagePredictor(
         backend=runner,
         spec=spec,
         info=dict(info),
-        aligner=make_aligner(spec, align),
+        aligner=aligner,
         model=model,
         source=files.uri,
         registry=dict(files.registry),
+        load_ms=clock.phases,
     )
+
+
+class _PhaseClock:
+    """Milliseconds per loading phase, in order (fetch, export, session or torch_model,
+    aligner): a cold start's figure split where it can be acted on."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = self._now()
+        self.phases[name] = round((now - self._last) * 1000.0, 1)
+        self._last = now

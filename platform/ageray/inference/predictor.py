@@ -51,6 +51,7 @@ class ImagePredictor:
     model: Any | None = None  # the AgeModel (torch backend; None when ONNX Runtime answers)
     source: str = ""  # where it was loaded from (a folder, s3:// or MLflow URI)
     registry: dict[str, Any] = field(default_factory=dict)  # name, version, alias, run id
+    load_ms: dict[str, float] = field(default_factory=dict)  # load_predictor's phases
 
     def __post_init__(self) -> None:
         self._data_cfg = self.spec.data_config()

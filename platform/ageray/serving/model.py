@@ -56,6 +56,7 @@ class ServedModel:
     # picks kernels per input shape (benchmark mode): a handful of fixed shapes, each warmed
     # up at load, means no request pays an autotuning step.
     buckets: tuple[int, ...] = ()
+    warmup_ms: float | None = None  # set by the replica once warm (``warmup``)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -110,6 +111,8 @@ class ServedModel:
             "device": str(self.device),
             "backend": self.backend,
             "loaded_at": self.loaded_at,
+            # where this replica's start went (ms): the loader's phases and the warm-up
+            "load_ms": {**self.predictor.load_ms, "warmup": self.warmup_ms},
         }
 
     # ---------------------------------------------------------------- preprocessing
