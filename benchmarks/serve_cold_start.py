@@ -5,8 +5,8 @@ split where it can be acted on, and the replica's memory once warm.
     python -m benchmarks.serve_cold_start --runs 1 --kinds exported
 
 Each run starts a fresh process, ``python -m serve.run serve.app:app model_uri=<folder>
---address local --num-cpus 2`` (a private local Ray, as a user's first ``serve run``), and
-times from the moment the process is spawned:
+backend=auto --address local --num-cpus 2`` (a private local Ray, as a user's first
+``serve run``), and times from the moment the process is spawned:
 
 * **Ray up**: its "Started a local Ray instance" line;
 * **ready**: the first ``/readyz`` 200 (polled every 50 ms);
@@ -14,14 +14,15 @@ times from the moment the process is spawned:
   sent as soon as ready.
 
 Between Ray up and ready the replica starts, loads and warms up; ``GET /v1/model``'s
-``load_ms`` splits its load into the loader's phases (``fetch`` the files, ``export`` to
-ONNX when the weights came without an export, the ONNX Runtime ``session``, the face
-``aligner``) and the ``warmup``; what is left is Serve's own start (controller, proxy,
-replica actor and its imports). Two model kinds: ``exported`` (the folder holds the ONNX
-export of its weights, as a model logged by ``jobs.train``/``jobs.export`` does) and
-``bare`` (weights only: the replica exports at load). The replica's RSS is read from
-``/proc`` once ready. The model is GLAE's ResNet-18 with two heads at 112 px, random weights.
-Run it on an idle machine; each start is stopped by its process group (SIGTERM: the drain).
+``load_ms`` splits its load into the loader's phases (``fetch`` the files, ``device``:
+torch's import and the CUDA probe, ``export`` to ONNX when the weights came without an
+export, the ONNX Runtime ``session``, the face ``aligner``) and the ``warmup``; what is
+left is Serve's own start (controller, proxy, replica actor and its imports). Two model
+kinds: ``exported`` (the folder holds the ONNX export of its weights, as a model logged by
+``jobs.train``/``jobs.export`` does) and ``bare`` (weights only: the replica exports at
+load). The replica's RSS is read from ``/proc`` once ready. The model is GLAE's ResNet-18
+with two heads at 112 px, random weights. Run it on an idle machine; each start is stopped
+by its process group (SIGTERM: the drain).
 """
 
 from __future__ import annotations
@@ -100,14 +101,15 @@ def _replica_rss_mb(root_pid: int) -> float | None:
     return None
 
 
-def one_start(model: Path, body: bytes, timeout: float) -> dict[str, Any]:
+def one_start(model: Path, body: bytes, timeout: float, backend: str) -> dict[str, Any]:
     """One cold start: seconds to Ray up, ready and first answer; load phases; RSS."""
     from tests.services import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "serve.run", "serve.app:app", f"model_uri={model}",
+        sys.executable, "-m", "serve.run", "serve.app:app",
+        f"model_uri={model}", f"backend={backend}",
         "--address", "local", "--num-cpus", "2", "--object-store-mb", "200",
         "--port", str(port),
     ]  # fmt: skip
@@ -173,7 +175,7 @@ def _phase_median(runs: list[dict[str, Any]], phase: str) -> float | None:
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    phases = ("fetch", "export", "session", "aligner", "warmup")
+    phases = ("fetch", "device", "export", "session", "aligner", "warmup")
     head = ["model", "starts", "Ray up (s)", "ready (s)", "first answer (s)"]
     head += [f"{p} (s)" for p in phases] + ["replica RSS (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a start may take")
+    p.add_argument("--backend", default="auto", help="the replica's backend (default auto)")
     p.add_argument("--json", help="also write every run here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in args.kinds}
     for i in range(args.runs):  # kinds interleaved: each sees the same machine
         for kind in args.kinds:
-            r = one_start(models[kind], bodies[0], args.timeout)
+            r = one_start(models[kind], bodies[0], args.timeout, args.backend)
             results[kind].append(r)
             print(f"[cold start] {kind} run {i + 1}/{args.runs}: {json.dumps(r)}", flush=True)
     print(f"\nface: {what}; model GLAE resnet18 two heads at {args.image_size} px; "

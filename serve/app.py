@@ -609,10 +609,14 @@ class AgeEstimator:
 
 
 class AppArgs(BaseModel):
-    """``serve run serve.app:app model_uri=... [device=cpu] [max_batch_size=32]``."""
+    """``serve run serve.app:app model_uri=... [device=cpu] [backend=auto] [max_batch_size=32]``.
+
+    ``backend`` defaults to torch here (a rule may then be chosen per request); serve/config.yaml
+    deploys ``auto`` (ONNX Runtime on a CPU, the faster: benchmarks/RESULTS.md)."""
 
     model_uri: str | None = None
     device: str | None = None
+    backend: Literal["torch", "onnxruntime", "auto"] | None = None
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None
 

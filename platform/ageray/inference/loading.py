@@ -305,6 +305,7 @@ def load_predictor(
     backend, dev = resolve_backend(backend, device)
     info = files.info
     spec = InputSpec.from_info(info)
+    clock.mark("device")  # torch's import and the CUDA probe, when not yet done
     model = None
     if backend == "onnxruntime":
         if not flip:
@@ -337,8 +338,8 @@ def load_predictor(
 
 
 class _PhaseClock:
-    """Milliseconds per loading phase, in order (fetch, export, session or torch_model,
-    aligner): a cold start's figure split where it can be acted on."""
+    """Milliseconds per loading phase, in order (fetch, device, export, session or
+    torch_model, aligner): a cold start's figure split where it can be acted on."""
 
     def __init__(self) -> None:
         import time
