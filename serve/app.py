@@ -609,7 +609,8 @@ class AgeEstimator:
 
 
 class AppArgs(BaseModel):
-    """``serve run serve.app:app model_uri=... [device=cpu] [backend=auto] [max_batch_size=32]``.
+    """``serve run serve.app:app model_uri=... [device=cpu] [backend=auto] [max_batch_size=32]
+    [num_replicas=2] [max_replicas_per_node=1]``.
 
     ``backend`` defaults to torch here (a rule may then be chosen per request); serve/config.yaml
     deploys ``auto`` (ONNX Runtime on a CPU, the faster: benchmarks/RESULTS.md)."""
@@ -619,6 +620,12 @@ class AppArgs(BaseModel):
     backend: Literal["torch", "onnxruntime", "auto"] | None = None
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None
+    # deployment options, for a cluster without a config file (``serve.run`` in a job):
+    num_replicas: int | None = None
+    max_replicas_per_node: int | None = None  # 1 = each replica on a node of its own
+
+
+DEPLOYMENT_ARGS = ("num_replicas", "max_replicas_per_node")
 
 
 def build_app(
@@ -660,5 +667,6 @@ def app(args: AppArgs) -> Application:
     if not ray.is_initialized():
         install_edge_guard()
         install_stop_handlers()
-    settings = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
-    return build_app(args.model_uri, settings)
+    given = {k: v for k, v in args.model_dump().items() if k != "model_uri" and v is not None}
+    options = {k: given.pop(k) for k in DEPLOYMENT_ARGS if k in given}
+    return build_app(args.model_uri, given, **options)

@@ -102,7 +102,7 @@ def _server_pid(url: str) -> int | None:
     return os.getpgid(int(found[0])) if found else None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after its module: three idle raylets cost CPU
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
     with local_cluster(tmp_path_factory.mktemp("cluster")) as ce:
         yield ce

@@ -431,6 +431,10 @@ RAY_WILDCARD_LISTENERS = (
     "raylet",
     "ray::*",  # every Ray worker and actor process (its core worker's gRPC server)
     "python",  # the dashboard's and the autoscaler monitor's Prometheus exporters
+    # the dashboard's module processes (ray-dashboard-ServeHead, shown cut to 15 characters)
+    # connect to the cluster as drivers once used (Serve's REST API: `serve shutdown`), and a
+    # driver's core worker has the same wildcard gRPC server as ray::*
+    "ray-dashboard-*",
 )
 
 

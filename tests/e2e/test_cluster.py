@@ -9,6 +9,12 @@ test sample once; a later step needs nothing but S3 and MLflow (every node's HOM
 and the jobs' ``runs/`` folders are wiped between steps); every socket of the cluster and of
 its S3 and MLflow servers stays on loopback.
 
+The chain is the operations path a user runs: make_shards (to S3) -> identity pretraining ->
+two-stage training from that backbone (routing, evaluation, registration) -> the evaluate job
+-> batch prediction (an actor per node) -> promote -> export -> a small Tune search -> Serve
+(``python -m serve.run`` as a job: two replicas, each on a node of its own, answering from
+the registry; ``ray job stop`` drains it).
+
 Tiny data (316 synthetic 32 px faces: 240 train, 39 val, 37 test), one epoch per stage.
 """
 
@@ -18,11 +24,21 @@ import io
 import json
 import subprocess
 import tarfile
+import time
+import urllib.request
 import zlib
 from pathlib import Path
 
 import pytest
-from cluster_fixture import ClusterEnv, ray_cluster, run_job, wipe_node_disks  # noqa: F401
+from cluster_fixture import (  # noqa: F401
+    ClusterEnv,
+    ray_cluster,
+    run_job,
+    submit,
+    wait_job,
+    wipe_node_disks,
+)
+from services import BIN, free_port
 
 from ageray import localcluster as lc
 
@@ -42,6 +58,7 @@ TRAIN_SETS = {
     "train.stage1.epochs": 1,
     "train.stage2.epochs": 1,
     "train.log_every": 0,
+    "pretrain.epochs": 1,
     "ray.num_workers": 2,
     "ray.cpus_per_worker": 1,
     "tracking.experiment": "cluster-e2e",
@@ -102,13 +119,21 @@ def test_jobs_on_the_cluster(ray_cluster: ClusterEnv, tmp_path: Path) -> None:  
     keys = shard_keys(ce, "train")
     assert len(keys) == 240
 
+    # identity pretraining: the backbone lands on S3 and the next job reads it from there
+    recipe = ["--config", "recipes/demo.yaml", *sets(TRAIN_SETS)]
+    logs = run_job(ce, "python", "-m", "jobs.pretrain", *recipe, name="pretrain")
+    backbone = next(ln.split("backbone:", 1)[1].strip() for ln in logs.splitlines()
+                    if "backbone:" in ln)  # fmt: skip
+    assert backbone.startswith(f"{STORAGE}/{NAME}/pretrain/"), backbone
+    wipe_node_disks(ce)
+
     logs = run_job(
-        ce, "python", "-m", "jobs.train", "--config", "recipes/demo.yaml", *sets(TRAIN_SETS),
+        ce, "python", "-m", "jobs.train", *recipe, "--set", f"train.init_from={backbone}",
         name="train", timeout=900,
     )  # fmt: skip
     assert f"[ageray] run '{NAME}' finished" in logs
     runs = mlflow_runs(ce)
-    assert {"pipeline", "stage1", "stage2", "routing", "evaluate"} <= set(runs)
+    assert {"pipeline", "pretrain", "stage1", "stage2", "routing", "evaluate"} <= set(runs)
     import mlflow
 
     client = mlflow.MlflowClient(ce.mlflow.uri)
@@ -126,8 +151,28 @@ def test_jobs_on_the_cluster(ray_cluster: ClusterEnv, tmp_path: Path) -> None:  
     report = json.loads((Path(got) / "report.json").read_text())
     assert report["num_samples"] == len(shard_keys(ce, "test")) == 37
     assert not any(report["skipped"].values())
+    history = client.get_metric_history(runs["stage1"].info.run_id, "val_mae")
+    assert [m.step for m in history] == [0]
+    params = runs["pipeline"].data.params
+    assert params["data.shards"] == SHARDS and "git.commit" in params
+    assert not any("secret" in k.lower() or v == ce.s3.env["AWS_SECRET_ACCESS_KEY"]
+                   for k, v in params.items())  # fmt: skip
+    art = [o["Key"] for o in ce.s3.client().list_objects_v2(Bucket="mlflow")["Contents"]]
+    assert any(k.endswith("report.json") for k in art)
+    assert any(k.endswith("model.safetensors") for k in art)
+    ckpts = [o["Key"] for o in ce.s3.client().list_objects_v2(Bucket="ageray",
+             Prefix=f"runs/{NAME}/")["Contents"]]  # fmt: skip
+    for stage in ("stage1", "stage2"):
+        assert any(k.startswith(f"runs/{NAME}/{stage}/checkpoint_") for k in ckpts), stage
     left = wipe_node_disks(ce)
     print("left on node disks after train:", left)
+
+    # the registered model evaluated again, as a job of its own
+    logs = run_job(
+        ce, "python", "-m", "jobs.evaluate", *recipe, "--model", f"models:/{MODEL}@candidate",
+        "--shards", SHARDS, "--output", "eval-out", name="evaluate",
+    )  # fmt: skip
+    assert "Smaller Υ (AR)" in logs and "| Balanced |" in logs
 
     # predict: an actor per node, every input once
     out = "s3://ageray/predict/test.parquet"
@@ -155,4 +200,87 @@ def test_jobs_on_the_cluster(ray_cluster: ClusterEnv, tmp_path: Path) -> None:  
         ce, "python", "-m", "jobs.export", "--model", f"models:/{MODEL}@champion",
         "--output", "runs/export", name="export",
     )  # fmt: skip
+    wipe_node_disks(ce)
+
+    # a small Tune search (GLAE Table IV's space: 3 trials x 1 epoch, one at a time)
+    logs = run_job(
+        ce, "python", "-m", "tuning.search", *recipe, "--space", "tuning/spaces/proj_depth.yaml",
+        "--name", "cluster-search", "--epochs", "1", "--scheduler", "fifo",
+        "--max-concurrent", "1", name="tune", timeout=900,
+    )  # fmt: skip
+    assert "best" in logs.lower()
+    wipe_node_disks(ce)
+
+    serve_two_replicas(ce, image=first_test_jpeg(ce))
     assert assert_on_loopback(ce) > 20
+
+
+def first_test_jpeg(ce: ClusterEnv) -> bytes:
+    s3 = ce.s3.client()
+    manifest = json.loads(s3.get_object(Bucket="ageray", Key="shards/manifest.json")["Body"].read())
+    shard = manifest["splits"]["test"]["shards"][0]
+    name = shard["name"] if isinstance(shard, dict) else shard
+    body = s3.get_object(Bucket="ageray", Key=f"shards/{name}")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        return tar.extractfile(member).read()
+
+
+def _ray_list(ce: ClusterEnv, what: str) -> list[dict]:
+    out = subprocess.run(
+        [str(BIN / "ray"), "list", what, "--address", ce.address, "--format", "json",
+         "--detail", "--limit", "1000"],
+        env=ce.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def serve_two_replicas(ce: ClusterEnv, image: bytes) -> None:
+    """The champion served by ``python -m serve.run`` submitted as a job: two replicas on two
+    nodes (``max_replicas_per_node=1``), one proxy on the head; answers, then a drained stop."""
+    port = free_port()
+    base = f"http://127.0.0.10:{port}"
+    job = submit(
+        ce, "python", "-m", "serve.run", "serve.app:app", f"model_uri=models:/{MODEL}@champion",
+        "num_replicas=2", "max_replicas_per_node=1", "--host", "127.0.0.10", "--port", str(port),
+        "--proxy-location", "HeadOnly", name="serve",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:  # not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(wait_job(ce, job, timeout=1)[1][-4000:])
+            time.sleep(2)
+        nodes = {n["node_id"]: n["node_ip"] for n in _ray_list(ce, "nodes")}
+        replicas = [
+            nodes[a["node_id"]] for a in _ray_list(ce, "actors")
+            if a["state"] == "ALIVE" and a["class_name"].startswith("ServeReplica:")
+        ]  # fmt: skip
+        assert len(replicas) == 2 and len(set(replicas)) == 2, replicas
+        for _ in range(4):  # each answer is the model's, whichever replica takes it
+            req = urllib.request.Request(
+                base + "/v1/predict?faces=largest", data=image,
+                headers={"Content-Type": "image/jpeg"}, method="POST",
+            )  # fmt: skip
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = json.loads(resp.read())
+            assert 0.0 <= answer["age"] <= 100.0
+            assert set(answer["heads"]) == {"vanilla", "balanced"}
+        with urllib.request.urlopen(base + "/v1/model", timeout=30) as resp:
+            assert "champion" in json.loads(resp.read())["aliases"]
+    finally:
+        subprocess.run(
+            [str(BIN / "ray"), "job", "stop", job, "--address", ce.address],
+            env=ce.env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [str(BIN / "serve"), "shutdown", "--yes", "--address", ce.address],
+            env=ce.env, capture_output=True, timeout=120,
+        )  # fmt: skip

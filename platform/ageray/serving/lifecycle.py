@@ -153,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Ray address to join ('local' starts a private Ray; default: as ray.init())",
     )
+    p.add_argument(
+        "--proxy-location",
+        choices=("HeadOnly", "EveryNode", "Disabled"),
+        default=None,
+        help="where Serve runs its HTTP proxies (default Serve's: EveryNode); HeadOnly on a "
+        "cluster whose nodes share one host, where proxies on every node would all bind "
+        "--host:--port",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument(
         "--object-store-mb", type=int, default=None, help="object store of a local Ray (MB)"
@@ -228,7 +236,9 @@ def _serve(opts: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     from ray import serve
 
-    serve_api.serve_start(http_options={"host": opts.host, "port": opts.port})
+    serve_api.serve_start(
+        http_options={"host": opts.host, "port": opts.port}, proxy_location=opts.proxy_location
+    )
     serve.run(app, blocking=False)
     _say(f"READY on http://{opts.host}:{opts.port} (pid {os.getpid()})")
     while not stop.wait(0.5):
