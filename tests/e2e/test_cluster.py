@@ -166,6 +166,8 @@ def test_jobs_on_the_cluster(ray_cluster: ClusterEnv, tmp_path: Path) -> None:  
         assert any(k.startswith(f"runs/{NAME}/{stage}/checkpoint_") for k in ckpts), stage
     left = wipe_node_disks(ce)
     print("left on node disks after train:", left)
+    # the backbone and the stage-1 model fetched from S3 are removed once loaded
+    assert not [p for p in left if "ageray-fetch" in p], left
 
     # the registered model evaluated again, as a job of its own
     logs = run_job(

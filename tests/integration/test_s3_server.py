@@ -107,3 +107,31 @@ def test_server_listens_on_loopback_only(s3) -> None:
         host = addr.rsplit(":", 1)[0].strip("[]")
         assert ipaddress.ip_address(host).is_loopback, f"SeaweedFS listens on {addr}"
     assert s3.endpoint.startswith("http://127.0.0.1:")
+
+
+def test_a_fetched_model_leaves_nothing_in_tmpdir(s3, bucket: str, tmp_path, monkeypatch) -> None:
+    """``fetched`` (a stage's backbone or stage-1 model from the run's S3): the folder or the
+    single file comes down, is readable inside the ``with``, and the temp copy is gone
+    after it; a local path is handed over untouched."""
+    import tempfile
+
+    from ageray.training.checkpoint import fetched
+
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="model/model.safetensors", Body=b"w" * 10)
+    client.put_object(Bucket=bucket, Key="model/info.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="backbone.safetensors", Body=b"b")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with fetched(f"s3://{bucket}/model") as path:
+        assert sorted(p.name for p in path.iterdir()) == ["info.json", "model.safetensors"]
+        assert (path / "model.safetensors").read_bytes() == b"w" * 10
+    with fetched(f"s3://{bucket}/backbone.safetensors") as path:
+        assert path.read_bytes() == b"b"
+    assert list(tmp.iterdir()) == []
+    local = tmp_path / "local.safetensors"
+    local.write_bytes(b"x")
+    with fetched(local) as path:
+        assert path == local
+    assert local.is_file()

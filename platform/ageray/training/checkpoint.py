@@ -11,7 +11,10 @@ evaluated, served or used as the start of the next stage as it is. Beside it:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +99,23 @@ def restore(
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
     return load_state(folder)
+
+
+@contextlib.contextmanager
+def fetched(uri: str | Path) -> Iterator[Path]:
+    """``materialize`` for a read that is done once the ``with`` ends (a backbone or a
+    stage-1 model loaded into memory): a copy fetched from storage is removed afterwards.
+
+    Why: every trial, stage and restart on every node fetches these again; left in TMPDIR
+    they are a folder per load that nothing removes (the cluster test found them). A local
+    path is yielded as it is and never removed."""
+    path = materialize(uri)
+    try:
+        yield path
+    finally:
+        if path != Path(str(uri)):  # fetched: ours to remove (a file's folder included)
+            root = path if path.is_dir() else path.parent
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def materialize(uri: str | Path, dst: str | Path | None = None) -> Path:

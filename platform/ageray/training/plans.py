@@ -25,7 +25,7 @@ from torch import nn
 from ageray.config import Config, to_dict
 from ageray.evaluation.traits import trait_metrics
 from ageray.inference import collect_predictions, merge_predictions, prediction_metrics
-from ageray.training.checkpoint import materialize, unwrap
+from ageray.training.checkpoint import fetched, unwrap
 from ageray.training.context import WorkerContext, all_gather_objects
 from ageray.training.pretrain import IdentityNet
 from ageray.training.stage_names import HYBRID_STEPS, STAGES
@@ -148,8 +148,9 @@ def plan_stage1(cfg: Config, spec: StageSpec) -> StagePlan:
     # an explicit StageSpec.init_backbone wins.
     init_backbone = spec.init_backbone or cfg.train.init_from
     if init_backbone:
-        # materialize: on a cluster the backbone is in the run's storage (s3://), not here
-        model.load_backbone(str(materialize(init_backbone)))
+        # fetched: on a cluster the backbone is in the run's storage (s3://), not here
+        with fetched(init_backbone) as path:
+            model.load_backbone(str(path))
         meta["init_backbone"] = init_backbone
     return StagePlan(
         model=model,
@@ -172,7 +173,8 @@ def plan_stage2(cfg: Config, spec: StageSpec) -> StagePlan:
 
     if not spec.init_model:
         raise ValueError("stage 2 needs the stage-1 model (StageSpec.init_model)")
-    model, _info = load_model(materialize(spec.init_model))
+    with fetched(spec.init_model) as path:
+        model, _info = load_model(path)
     s2 = cfg.train.stage2
     if "balanced" not in model.heads:
         model.add_balanced_head(trainable=s2.trainable)
@@ -275,7 +277,8 @@ def _hybrid_model(cfg: Config, spec: StageSpec) -> tuple[nn.Module, dict[str, An
         model = build_model(cfg)
         init_backbone = spec.init_backbone or cfg.train.init_from
         if init_backbone:
-            model.load_backbone(str(materialize(init_backbone)))
+            with fetched(init_backbone) as path:
+                model.load_backbone(str(path))
             return model, {"init_backbone": init_backbone}
         return model, {}
     if not spec.init_model:
@@ -284,7 +287,8 @@ def _hybrid_model(cfg: Config, spec: StageSpec) -> tuple[nn.Module, dict[str, An
             f"stage {spec.stage!r} starts from the {before!r} model (StageSpec.init_model; "
             f"jobs.train --stage {spec.stage} --from <that model>)"
         )
-    model, _info = load_model(materialize(spec.init_model))
+    with fetched(spec.init_model) as path:
+        model, _info = load_model(path)
     if "balanced" in model.heads:
         raise ValueError(f"{spec.init_model} has a balanced head: it is a stage-2 model")
     return model, {"init_model": spec.init_model}
