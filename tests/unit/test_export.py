@@ -58,6 +58,11 @@ def test_onnx_runs_in_onnxruntime_at_batch_1_and_7(routed) -> None:
         _close(got, torch_backend(x))
     with pytest.raises(ValueError, match="routes with 'learned'"):
         ort(routed.x[:1], rule="smaller")
+    # one self-contained file: no stale copy of the weights beside it
+    assert sorted(p.name for p in Path(info["path"]).parent.iterdir()) == [
+        "export.json",
+        "model.onnx",
+    ]
 
 
 def test_onnx_operators_are_portable(routed) -> None:

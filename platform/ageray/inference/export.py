@@ -214,11 +214,15 @@ def check_ops(path: str | Path) -> list[str]:
 def _set_metadata(path: Path, meta: Mapping[str, str]) -> None:
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # the weights too, from torch's external-data file
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(model, str(path))
+    onnx.save(model, str(path))  # one self-contained file (the models here are far < 2 GB)
+    # torch.onnx (dynamo) wrote the weights beside the graph as model.onnx.data; the saved
+    # file now holds them, so that copy is stale: as large as the model, never read, and
+    # uploaded with every logged model
+    (path.parent / f"{path.name}.data").unlink(missing_ok=True)
 
 
 def export_onnx(
