@@ -1,7 +1,11 @@
 """ageray's Serve endpoint side by side with its peers, one exported model, one run (issue 24).
 
-    python -m benchmarks.serve_peers                                    # full: ~30 min idle
-    python -m benchmarks.serve_peers --seconds 2 --repeats 1 --concurrency 1 8   # smoke
+    python -m benchmarks.serve_peers                                    # full: ~25 min
+    python -m benchmarks.serve_peers --seconds 2 --warmup 1 --repeats 1 --concurrency 1 8
+
+How long: the smoke line took 2 min on 2 shared cores (~70 s of it starting the six servers,
+the export and the bare forward); the full run is 3 repeats x 4 concurrencies x 6 servers x
+(15 + 3) s = ~22 min of load plus that, ~25 min.
     python -m benchmarks.serve_peers --servers asgi asgi-batch litserve --json peers.json
 
 The model: GLAE's resnet18 with two heads at 112 px, random weights (speed does not depend on
